@@ -1,0 +1,249 @@
+//! Typed configuration. The embedded default is `config/guardian.toml`; `--config FILE` replaces
+//! it; CLI flags (each with a GUARDIAN_* env fallback) override single keys. `validate` says
+//! which key is wrong and what it accepts.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::model::WeightFormat;
+use crate::taxonomy::Category;
+
+pub const EMBEDDED_DEFAULT: &str = include_str!("../config/guardian.toml");
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub model: ModelConfig,
+    pub engine: EngineConfig,
+    pub screen: ScreenConfig,
+    pub policy: PolicyConfig,
+    pub responses: ResponsesConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub home: String,
+    pub weights: WeightFormat,
+    pub max_tokens: usize,
+    pub device: String,
+    pub heads: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineConfig {
+    pub max_batch_size: usize,
+    pub max_batch_tokens: usize,
+    pub max_wait_ms: u64,
+    pub queue_capacity: usize,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScreenConfig {
+    pub max_query_chars: usize,
+    pub cache_capacity: usize,
+    pub dead_letter: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Enforce,
+    Observe,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, PartialOrd, Ord, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Allow,
+    Caution,
+    Block,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Allow => "allow",
+            Action::Caution => "caution",
+            Action::Block => "block",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CategoryRule {
+    pub action: Action,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<f32>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    pub version: String,
+    pub mode: Mode,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unsafe_threshold: Option<f32>,
+    pub caution_threshold: f32,
+    pub categories: BTreeMap<String, CategoryRule>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResponsesConfig {
+    pub path: String,
+}
+
+fn bad(key: &str, msg: impl std::fmt::Display) -> Error {
+    Error::Config(format!("{key}: {msg}"))
+}
+
+impl Config {
+    pub fn embedded() -> Self {
+        Self::parse(EMBEDDED_DEFAULT, "embedded config/guardian.toml")
+            .expect("the embedded default config is valid")
+    }
+
+    pub fn parse(text: &str, origin: &str) -> Result<Self> {
+        let cfg: Config =
+            toml::from_str(text).map_err(|e| Error::Config(format!("{origin}: {e}")))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn load(path: Option<&Path>) -> Result<Self> {
+        match path {
+            None => Ok(Self::embedded()),
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
+                Self::parse(&text, &p.display().to_string())
+            }
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let m = &self.model;
+        if !(8..=512).contains(&m.max_tokens) {
+            return Err(bad(
+                "model.max_tokens",
+                format!("{} is outside 8..=512", m.max_tokens),
+            ));
+        }
+        crate::model::device::parse_spec(&m.device).map_err(|e| bad("model.device", e))?;
+        let e = &self.engine;
+        if e.max_batch_size == 0 || e.max_batch_size > 4096 {
+            return Err(bad("engine.max_batch_size", "must be 1..=4096"));
+        }
+        if e.max_batch_tokens < m.max_tokens {
+            return Err(bad(
+                "engine.max_batch_tokens",
+                format!(
+                    "{} is smaller than model.max_tokens ({}): a single long query would not fit",
+                    e.max_batch_tokens, m.max_tokens
+                ),
+            ));
+        }
+        if e.queue_capacity == 0 {
+            return Err(bad("engine.queue_capacity", "must be at least 1"));
+        }
+        if self.screen.max_query_chars == 0 {
+            return Err(bad("screen.max_query_chars", "must be at least 1"));
+        }
+        if self.screen.dead_letter.trim().is_empty() {
+            return Err(bad("screen.dead_letter", "use \"stderr\" or a file path"));
+        }
+        let p = &self.policy;
+        if p.version.trim().is_empty() {
+            return Err(bad("policy.version", "must not be empty"));
+        }
+        let in_unit = |k: &str, v: f32| {
+            if (0.0..=1.0).contains(&v) {
+                Ok(())
+            } else {
+                Err(bad(k, format!("{v} is not a probability in [0, 1]")))
+            }
+        };
+        if let Some(t) = p.unsafe_threshold {
+            in_unit("policy.unsafe_threshold", t)?;
+        }
+        in_unit("policy.caution_threshold", p.caution_threshold)?;
+        for (name, rule) in &p.categories {
+            if Category::parse(name).is_none() {
+                return Err(bad(
+                    &format!("policy.categories.{name}"),
+                    format!(
+                        "unknown category; use one of {}",
+                        Category::ALL.map(|c| c.id()).join(", ")
+                    ),
+                ));
+            }
+            if let Some(t) = rule.threshold {
+                in_unit(&format!("policy.categories.{name}.threshold"), t)?;
+            }
+            if rule.action == Action::Allow {
+                return Err(bad(
+                    &format!("policy.categories.{name}.action"),
+                    "an unsafe verdict must be \"block\" or \"caution\"; use mode = \"observe\" to never block",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The model home: the config's, else $GUARDIAN_HOME, else the user cache dir.
+    pub fn home(&self) -> PathBuf {
+        if !self.model.home.is_empty() {
+            return PathBuf::from(&self.model.home);
+        }
+        std::env::var_os("GUARDIAN_HOME")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(crate::model::fetch::default_home)
+    }
+
+    pub fn model_spec(&self) -> crate::model::ModelSpec {
+        crate::model::ModelSpec {
+            home: self.home(),
+            weights: self.model.weights,
+            max_tokens: self.model.max_tokens,
+            device: self.model.device.clone(),
+            heads: (!self.model.heads.is_empty()).then(|| PathBuf::from(&self.model.heads)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_is_valid() {
+        let c = Config::embedded();
+        assert_eq!(c.policy.categories.len(), Category::COUNT);
+    }
+
+    #[test]
+    fn rejects_with_the_key_named() {
+        let bad_cat = EMBEDDED_DEFAULT.replace("crime_advice = {", "crime_advise = {");
+        let e = Config::parse(&bad_cat, "t").unwrap_err().to_string();
+        assert!(
+            e.contains("policy.categories.crime_advise") && e.contains("unknown category"),
+            "{e}"
+        );
+        let bad_tok = EMBEDDED_DEFAULT.replace("max_tokens = 128", "max_tokens = 4");
+        let e = Config::parse(&bad_tok, "t").unwrap_err().to_string();
+        assert!(e.contains("model.max_tokens"), "{e}");
+        let unknown = format!("{EMBEDDED_DEFAULT}\n[extra]\nx = 1\n");
+        let e = Config::parse(&unknown, "t").unwrap_err().to_string();
+        assert!(e.contains("unknown field"), "{e}");
+        let bad_dev = EMBEDDED_DEFAULT.replace("device = \"auto\"", "device = \"gpu\"");
+        let e = Config::parse(&bad_dev, "t").unwrap_err().to_string();
+        assert!(e.contains("model.device"), "{e}");
+    }
+}

