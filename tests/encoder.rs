@@ -194,23 +194,56 @@ fn matches_stock_candle_bert_on_the_same_weights() {
     let vb = candle_nn::VarBuilder::from_tensors(map, DType::F32, &dev);
     let stock = BertModel::load(vb, &cfg).unwrap();
 
-    let ours = embedder(WeightFormat::F32);
-    for text in [KO[0], EN[2], "how to kill a python process"] {
-        let ids = ours.tokenizer.encode(text).unwrap().ids;
-        let n = ids.len();
-        let ids_t = Tensor::from_vec(ids.clone(), (1, n), &dev).unwrap();
-        let types = ids_t.zeros_like().unwrap();
-        let mask = Tensor::ones((1, n), DType::U32, &dev).unwrap();
-        let want = stock.forward(&ids_t, &types, Some(&mask)).unwrap();
-        let got = ours.encoder.last_hidden(&ids, &vec![1.0; n], 1, n).unwrap();
-        let diff = (want - got)
+    // Both of our forward passes: the candle graph and the packed CPU kernels.
+    let graph = guardian::model::Encoder::load(&file, WeightFormat::F32, &dev).unwrap();
+    let packed = guardian::model::packed::PackedEncoder::load(&file).unwrap();
+    let tok = embedder(WeightFormat::F32).tokenizer;
+    let texts = [KO[0], EN[2], "how to kill a python process"];
+    let ids: Vec<Vec<u32>> = texts.iter().map(|t| tok.encode(t).unwrap().ids).collect();
+    let refs: Vec<&[u32]> = ids.iter().map(|v| v.as_slice()).collect();
+    let packed_all = packed.last_hidden(&refs);
+    let max_diff = |a: &Tensor, b: Tensor| {
+        (a - b)
             .unwrap()
             .abs()
             .unwrap()
             .max_all()
             .unwrap()
             .to_scalar::<f32>()
+            .unwrap()
+    };
+    let mut row = 0;
+    for (text, ids) in texts.iter().zip(&ids) {
+        let n = ids.len();
+        let ids_t = Tensor::from_vec(ids.clone(), (1, n), &dev).unwrap();
+        let types = ids_t.zeros_like().unwrap();
+        let mask = Tensor::ones((1, n), DType::U32, &dev).unwrap();
+        let want = stock
+            .forward(&ids_t, &types, Some(&mask))
+            .unwrap()
+            .squeeze(0)
             .unwrap();
-        assert!(diff < 1e-3, "{text}: max abs diff {diff} from stock BERT");
+        let got = graph
+            .last_hidden(ids, &vec![1.0; n], 1, n)
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
+        let diff = max_diff(&want, got);
+        assert!(
+            diff < 1e-3,
+            "graph: {text}: max abs diff {diff} from stock BERT"
+        );
+        let got = Tensor::from_vec(
+            packed_all[row * d.hidden..(row + n) * d.hidden].to_vec(),
+            (n, d.hidden),
+            &dev,
+        )
+        .unwrap();
+        row += n;
+        let diff = max_diff(&want, got);
+        assert!(
+            diff < 1e-3,
+            "packed: {text}: max abs diff {diff} from stock BERT"
+        );
     }
 }

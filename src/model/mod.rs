@@ -5,6 +5,7 @@ pub mod e5s1;
 pub mod encoder;
 pub mod fetch;
 pub mod heads;
+pub mod packed;
 pub mod tokenizer;
 
 use std::path::{Path, PathBuf};
@@ -32,12 +33,22 @@ pub struct ModelSpec {
 const EMBEDDED_HEADS: &[u8] = include_bytes!("../../models/heads.safetensors");
 const EMBEDDED_META: &[u8] = include_bytes!("../../models/heads.json");
 
+/// Which forward pass runs the encoder.
+pub enum Backend {
+    /// f32 weights on the CPU: packed sequences, no padding (the fast path).
+    Packed(packed::PackedEncoder),
+    /// The candle graph: Q4_0 weights, or any weights on a GPU.
+    Graph(Encoder),
+}
+
 /// Tokenizer and encoder: everything up to the sentence embedding.
 pub struct Embedder {
     pub tokenizer: QueryTokenizer,
-    pub encoder: Encoder,
+    pub backend: Backend,
     /// Names the encoder weights and how they are held, e.g. `multilingual-e5-small/q4`.
     pub encoder_id: String,
+    dims: e5s1::Dims,
+    device: Device,
 }
 
 fn require(home: &Path, rel: &str) -> Result<PathBuf> {
@@ -57,13 +68,24 @@ impl Embedder {
         let weights = require(&spec.home, fetch::E5_WEIGHTS)?;
         let tok = require(&spec.home, fetch::E5_TOKENIZER)?;
         let file = e5s1::E5s1::open(&weights)?;
-        let encoder = Encoder::load(&file, spec.weights, device)?;
+        let backend = match (spec.weights, device) {
+            (WeightFormat::F32, Device::Cpu) => {
+                Backend::Packed(packed::PackedEncoder::load(&file)?)
+            }
+            _ => Backend::Graph(Encoder::load(&file, spec.weights, device)?),
+        };
         let tokenizer = QueryTokenizer::load(&tok, spec.max_tokens)?;
         Ok(Self {
             tokenizer,
-            encoder,
+            backend,
             encoder_id: format!("multilingual-e5-small/{}", spec.weights),
+            dims: file.dims,
+            device: device.clone(),
         })
+    }
+
+    pub fn hidden_size(&self) -> usize {
+        self.dims.hidden
     }
 
     /// Pads a batch of token sequences to its longest member and embeds it: `[batch, hidden]`.
@@ -72,7 +94,19 @@ impl Embedder {
         if batch.is_empty() || seq == 0 {
             return Err(Error::Tokenizer("empty batch".into()));
         }
-        let pad = self.encoder.dims().pad_id;
+        let encoder = match &self.backend {
+            Backend::Packed(p) => {
+                let rows = p.embed(batch);
+                let flat: Vec<f32> = rows.concat();
+                return Ok(Tensor::from_vec(
+                    flat,
+                    (batch.len(), self.dims.hidden),
+                    &self.device,
+                )?);
+            }
+            Backend::Graph(e) => e,
+        };
+        let pad = self.dims.pad_id;
         let mut ids = Vec::with_capacity(batch.len() * seq);
         let mut mask = Vec::with_capacity(batch.len() * seq);
         for t in batch {
@@ -81,7 +115,7 @@ impl Embedder {
             mask.extend(std::iter::repeat_n(1f32, t.len()));
             mask.extend(std::iter::repeat_n(0f32, seq - t.len()));
         }
-        self.encoder.embed(&ids, &mask, batch.len(), seq)
+        encoder.embed(&ids, &mask, batch.len(), seq)
     }
 
     /// Convenience for one-off texts (tests, training): tokenize and embed.
@@ -115,11 +149,11 @@ impl Model {
             Some(dir) => Heads::load(dir, &device)?,
             None => Heads::from_bytes(EMBEDDED_HEADS, EMBEDDED_META, &device)?,
         };
-        if heads.meta.hidden != embedder.encoder.hidden_size() {
+        if heads.meta.hidden != embedder.hidden_size() {
             return Err(Error::Heads(format!(
                 "heads expect {}-dim embeddings, the encoder gives {}",
                 heads.meta.hidden,
-                embedder.encoder.hidden_size()
+                embedder.hidden_size()
             )));
         }
         let id = format!("{}+heads-{}", embedder.encoder_id, heads.meta.digest);

@@ -68,13 +68,13 @@ pub enum Split {
     Test,
 }
 
+/// (source, label, category, language).
+type Stratum = (String, Label, Option<Category>, String);
+
 /// Assigns every example a split. Strata are (source, label, category, language); inside a
 /// stratum, groups (or single examples) are shuffled by `seed` and dealt out by the fractions.
 pub fn split(examples: &[Example], dev: f64, test: f64, seed: u64) -> Vec<Split> {
-    let mut strata: BTreeMap<
-        (String, Label, Option<Category>, String),
-        BTreeMap<String, Vec<usize>>,
-    > = BTreeMap::new();
+    let mut strata: BTreeMap<Stratum, BTreeMap<String, Vec<usize>>> = BTreeMap::new();
     for (i, e) in examples.iter().enumerate() {
         let key = (e.source.clone(), e.label, e.category, e.lang.clone());
         let group = e.group.clone().unwrap_or_else(|| format!("#{i}"));

@@ -127,7 +127,7 @@ pub fn run(job: &TrainJob) -> Result<TrainOutcome> {
         &job.spec.home.join("embeddings"),
         &embedder.encoder_id,
         job.spec.max_tokens,
-        embedder.encoder.hidden_size(),
+        embedder.hidden_size(),
     )?;
     let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
     let pb = bar(0, "embedding");
@@ -161,7 +161,7 @@ pub fn run(job: &TrainJob) -> Result<TrainOutcome> {
 
     let meta = HeadsMeta {
         encoder: embedder.encoder_id.clone(),
-        hidden: embedder.encoder.hidden_size(),
+        hidden: embedder.hidden_size(),
         trunk: job.options.trunk,
         categories: Category::ALL.iter().map(|c| c.id().to_string()).collect(),
         unsafe_threshold: 0.5,

@@ -46,6 +46,9 @@ pub struct Target {
     pub category: Option<Category>,
 }
 
+/// The best epoch so far: its number, dev F1 and a copy of the weights.
+type Best = (usize, f64, Vec<(String, Tensor)>);
+
 pub struct Trained {
     pub varmap: VarMap,
     pub heads: Heads,
@@ -173,7 +176,7 @@ pub fn train(
         },
     )?;
     let mut order: Vec<usize> = (0..n).collect();
-    let mut best: Option<(usize, f64, Vec<(String, Tensor)>)> = None;
+    let mut best: Option<Best> = None;
     progress.set_length(opts.epochs as u64);
     for epoch in 1..=opts.epochs {
         // Cosine decay of the learning rate over the run.
