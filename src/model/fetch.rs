@@ -228,6 +228,8 @@ fn obtain_wheel(
         .args(["--platform", "any", "-d"])
         .arg(wheels)
         .arg(&spec)
+        // pip's progress belongs with our messages on stderr: stdout may be a verdict stream.
+        .stdout(std::process::Stdio::from(std::io::stderr()))
         .status()
         .map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => Error::Fetch(format!(

@@ -20,8 +20,9 @@ pub struct HeadsMeta {
     pub categories: Vec<String>,
     /// The unsafe-probability threshold calibrated on the dev split.
     pub unsafe_threshold: f32,
-    /// sha256 (first 12 hex digits) of the safetensors file; part of the model id.
-    #[serde(default)]
+    /// sha256 (first 12 hex digits) of the safetensors file; part of the model id. Computed
+    /// when the heads are loaded, not stored.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub digest: String,
 }
 
