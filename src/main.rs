@@ -124,8 +124,14 @@ struct EvalArgs {
 #[derive(Args)]
 struct TrainArgs {
     /// Labelled JSONL: text, label (safe|unsafe), category (null for safe), lang[, source, group].
-    #[arg(long, env = "GUARDIAN_TRAIN_DATA")]
-    data: PathBuf,
+    /// Repeat for several files; a directory means its *.jsonl files. Duplicate texts are merged.
+    #[arg(
+        long,
+        env = "GUARDIAN_TRAIN_DATA",
+        value_delimiter = ',',
+        required = true
+    )]
+    data: Vec<PathBuf>,
     /// Where heads.safetensors, heads.json, MODEL_CARD.md and the dev/test splits go.
     #[arg(long, env = "GUARDIAN_TRAIN_OUT", default_value = "models")]
     out: PathBuf,

@@ -396,3 +396,82 @@ fn fetch_into_an_empty_home_is_verified_idempotent_and_keeps_stdout_clean() {
         .unwrap();
     assert!(v.status.success());
 }
+
+#[test]
+fn train_writes_heads_that_screen_can_load_and_is_reproducible() {
+    let dir = tempfile::tempdir().unwrap();
+    // A small, balanced slice of the committed dev split: 150 safe and 150 unsafe examples.
+    let dev = std::fs::read_to_string("models/dev.jsonl").unwrap();
+    let (mut safe, mut unsafe_) = (Vec::new(), Vec::new());
+    for l in dev.lines() {
+        let v: Value = serde_json::from_str(l).unwrap();
+        let bucket = if v["label"] == "safe" {
+            &mut safe
+        } else {
+            &mut unsafe_
+        };
+        if bucket.len() < 150 {
+            bucket.push(l.to_string());
+        }
+    }
+    let data = dir.path().join("d.jsonl");
+    std::fs::write(
+        &data,
+        safe.iter()
+            .chain(&unsafe_)
+            .map(|l| format!("{l}\n"))
+            .collect::<String>(),
+    )
+    .unwrap();
+    let train = |out: &str| {
+        let out = dir.path().join(out);
+        let o = guardian(
+            &[
+                "train",
+                "--data",
+                data.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+                "--epochs",
+                "5",
+                "--seed",
+                "3",
+            ],
+            None,
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        out
+    };
+    let a = train("a");
+    for f in [
+        "heads.safetensors",
+        "heads.json",
+        "MODEL_CARD.md",
+        "dev.jsonl",
+        "test.jsonl",
+    ] {
+        assert!(a.join(f).exists(), "{f} written");
+    }
+    let b = train("b");
+    assert_eq!(
+        std::fs::read(a.join("heads.safetensors")).unwrap(),
+        std::fs::read(b.join("heads.safetensors")).unwrap(),
+        "same data and seed give the same heads"
+    );
+    let o = guardian(
+        &["--heads", a.to_str().unwrap(), "screen"],
+        Some(b"how to bake bread\n"),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v = jsonl(&o.stdout);
+    let digest =
+        &guardian::util::sha256_hex(&std::fs::read(a.join("heads.safetensors")).unwrap())[..12];
+    assert!(
+        v[0]["model"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("+heads-{digest}")),
+        "{}",
+        v[0]
+    );
+}

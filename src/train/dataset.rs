@@ -60,6 +60,59 @@ pub fn load(path: &Path) -> Result<Vec<Example>> {
     Ok(out)
 }
 
+/// Loads several files (a directory stands for its `*.jsonl` files, in name order) and removes
+/// duplicates by normalised text: the first copy is kept, and a text whose copies disagree on
+/// label or category is dropped entirely. Returns the examples and the number of conflicts.
+pub fn load_many(paths: &[std::path::PathBuf]) -> Result<(Vec<Example>, usize)> {
+    let mut files = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            let mut inner: Vec<_> = std::fs::read_dir(p)
+                .map_err(|e| Error::io(p, e))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|f| f.extension().is_some_and(|x| x == "jsonl"))
+                .collect();
+            inner.sort();
+            files.extend(inner);
+        } else {
+            files.push(p.clone());
+        }
+    }
+    if files.is_empty() {
+        return Err(Error::Data("no data files given".into()));
+    }
+    let mut all = Vec::new();
+    for f in &files {
+        all.extend(load(f)?);
+    }
+    let mut first: std::collections::HashMap<String, (usize, bool)> = Default::default();
+    for (i, e) in all.iter().enumerate() {
+        let key = crate::util::normalise(&e.text);
+        match first.get_mut(&key) {
+            None => {
+                first.insert(key, (i, false));
+            }
+            Some((j, conflict)) => {
+                let f = &all[*j];
+                if f.label != e.label || f.category != e.category {
+                    *conflict = true;
+                }
+            }
+        }
+    }
+    let conflicts = first.values().filter(|(_, c)| *c).count();
+    let mut keep: Vec<usize> = first
+        .into_values()
+        .filter(|(_, c)| !c)
+        .map(|(i, _)| i)
+        .collect();
+    keep.sort_unstable();
+    Ok((
+        keep.into_iter().map(|i| all[i].clone()).collect(),
+        conflicts,
+    ))
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Split {
@@ -126,6 +179,30 @@ mod tests {
             license: String::new(),
             group: group.map(String::from),
         }
+    }
+
+    #[test]
+    fn load_many_dedupes_and_drops_conflicts() {
+        let dir = tempfile::tempdir().unwrap();
+        let line = |t: &str, l: &str, c: &str| {
+            format!("{{\"text\":\"{t}\",\"label\":\"{l}\",\"category\":{c},\"lang\":\"en\"}}\n")
+        };
+        std::fs::write(
+            dir.path().join("a.jsonl"),
+            line("Kill a process", "safe", "null") + &line("x y", "safe", "null"),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("b.jsonl"),
+            line("kill  a PROCESS", "safe", "null")
+                + &line("X Y", "unsafe", "\"crime_advice\"")
+                + &line("z", "safe", "null"),
+        )
+        .unwrap();
+        let (v, conflicts) = load_many(&[dir.path().to_path_buf()]).unwrap();
+        let texts: Vec<&str> = v.iter().map(|e| e.text.as_str()).collect();
+        assert_eq!(texts, ["Kill a process", "z"]);
+        assert_eq!(conflicts, 1);
     }
 
     #[test]

@@ -20,7 +20,8 @@ use dataset::{Example, Split};
 pub use trainer::TrainOptions;
 
 pub struct TrainJob {
-    pub data: PathBuf,
+    /// Files or directories of `*.jsonl` files.
+    pub data: Vec<PathBuf>,
     pub out: PathBuf,
     pub dev_fraction: f64,
     pub test_fraction: f64,
@@ -93,7 +94,10 @@ fn score_examples(
 
 pub fn run(job: &TrainJob) -> Result<TrainOutcome> {
     let started = std::time::Instant::now();
-    let examples = dataset::load(&job.data)?;
+    let (examples, conflicts) = dataset::load_many(&job.data)?;
+    if conflicts > 0 {
+        eprintln!("dropped {conflicts} texts whose copies disagree on label or category");
+    }
     let splits = dataset::split(
         &examples,
         job.dev_fraction,
@@ -277,7 +281,7 @@ fn model_card(
         encoder = meta.encoder,
         max_tokens = job.spec.max_tokens,
         threshold = meta.unsafe_threshold,
-        data = job.data.display(),
+        data = job.data.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" --data "),
         out = job.out.display(),
         seed = o.seed,
         epochs = o.epochs,
