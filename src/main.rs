@@ -137,7 +137,7 @@ struct TrainArgs {
     out: PathBuf,
     #[arg(long, env = "GUARDIAN_TRAIN_SEED", default_value_t = 17)]
     seed: u64,
-    #[arg(long, env = "GUARDIAN_TRAIN_EPOCHS", default_value_t = 40)]
+    #[arg(long, env = "GUARDIAN_TRAIN_EPOCHS", default_value_t = 60)]
     epochs: usize,
     /// Share of each stratum held out for dev (threshold calibration, model selection).
     #[arg(long, env = "GUARDIAN_TRAIN_DEV", default_value_t = 0.1)]
@@ -146,7 +146,7 @@ struct TrainArgs {
     #[arg(long, env = "GUARDIAN_TRAIN_TEST", default_value_t = 0.1)]
     test: f64,
     /// Width of the shared trunk.
-    #[arg(long, env = "GUARDIAN_TRAIN_TRUNK", default_value_t = 256)]
+    #[arg(long, env = "GUARDIAN_TRAIN_TRUNK", default_value_t = 512)]
     trunk: usize,
     #[arg(long, env = "GUARDIAN_TRAIN_LR", default_value_t = 2e-3)]
     lr: f64,

@@ -27,11 +27,11 @@ pub struct TrainOptions {
 impl Default for TrainOptions {
     fn default() -> Self {
         Self {
-            epochs: 40,
+            epochs: 60,
             batch_size: 128,
             learning_rate: 2e-3,
             weight_decay: 1e-4,
-            trunk: 256,
+            trunk: 512,
             dropout: 0.1,
             category_weight: 0.5,
             seed: 17,
