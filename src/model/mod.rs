@@ -67,14 +67,20 @@ impl Embedder {
     pub fn load(spec: &ModelSpec, device: &Device) -> Result<Self> {
         let weights = require(&spec.home, fetch::E5_WEIGHTS)?;
         let tok = require(&spec.home, fetch::E5_TOKENIZER)?;
+        let t = std::time::Instant::now();
         let file = e5s1::E5s1::open(&weights)?;
+        tracing::debug!(ms = t.elapsed().as_millis() as u64, "read encoder weights");
+        let t = std::time::Instant::now();
         let backend = match (spec.weights, device) {
             (WeightFormat::F32, Device::Cpu) => {
                 Backend::Packed(packed::PackedEncoder::load(&file)?)
             }
             _ => Backend::Graph(Encoder::load(&file, spec.weights, device)?),
         };
+        tracing::debug!(ms = t.elapsed().as_millis() as u64, weights = %spec.weights, "built encoder");
+        let t = std::time::Instant::now();
         let tokenizer = QueryTokenizer::load(&tok, spec.max_tokens)?;
+        tracing::debug!(ms = t.elapsed().as_millis() as u64, "loaded tokenizer");
         Ok(Self {
             tokenizer,
             backend,
