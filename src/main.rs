@@ -107,7 +107,7 @@ struct ScreenArgs {
     #[arg(long, env = "GUARDIAN_NO_CACHE")]
     no_cache: bool,
     /// Fail (exit 3) if any input line was dead-lettered.
-    #[arg(long)]
+    #[arg(long, env = "GUARDIAN_STRICT")]
     strict: bool,
 }
 
@@ -117,7 +117,7 @@ struct EvalArgs {
     #[arg(long, env = "GUARDIAN_EVAL_DATA")]
     data: PathBuf,
     /// Print the report as JSON.
-    #[arg(long)]
+    #[arg(long, env = "GUARDIAN_EVAL_JSON")]
     json: bool,
 }
 
@@ -178,7 +178,7 @@ struct BenchArgs {
     )]
     weights: Vec<WeightFormat>,
     /// Print the report as JSON.
-    #[arg(long)]
+    #[arg(long, env = "GUARDIAN_BENCH_JSON")]
     json: bool,
 }
 
