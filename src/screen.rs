@@ -127,10 +127,13 @@ impl Screener {
         on_done: &(dyn Fn() + Sync),
     ) -> Result<Vec<CachedVerdict>> {
         let (tx, rx) = unbounded::<(usize, std::result::Result<HeadScores, String>)>();
+        // Tokenized once; the ids go to the engine, the rest is kept for the verdict.
         let mut prepared = Vec::with_capacity(queries.len());
+        let mut ids = Vec::with_capacity(queries.len());
         for q in queries {
             let tokens = self.model.embedder.tokenizer.encode(q)?;
             prepared.push((util::detect_lang(q), util::normalise(q), tokens.truncated));
+            ids.push(tokens.ids);
         }
         let mut out: Vec<Option<CachedVerdict>> = vec![None; queries.len()];
         let mut received = 0;
@@ -144,8 +147,7 @@ impl Screener {
             on_done();
             Ok(())
         };
-        for (i, q) in queries.iter().enumerate() {
-            let tokens = self.model.embedder.tokenizer.encode(q)?.ids;
+        for (i, tokens) in ids.into_iter().enumerate() {
             let tx = tx.clone();
             self.engine.submit(Job {
                 tokens,
