@@ -42,8 +42,10 @@ struct Pending {
     id: Value,
     extra: serde_json::Map<String, Value>,
     started: Instant,
+    /// Input bytes read up to and including this line (for the progress bar).
+    offset: u64,
     /// Set for over-long queries: screened on a prefix, and dead-lettered too.
-    too_long: Option<(DeadLetter, u64)>,
+    too_long: Option<DeadLetter>,
 }
 
 impl Screener {
@@ -280,7 +282,7 @@ impl Screener {
                 ),
                 id: Some(ev.id.clone()),
             };
-            (DeadLetter::new(rej, source, raw, true), offset)
+            DeadLetter::new(rej, source, raw, true)
         });
         let lang = ev.lang.unwrap_or_else(|| util::detect_lang(&ev.query));
         let normalised = util::normalise(&ev.query);
@@ -289,6 +291,7 @@ impl Screener {
             id: ev.id,
             extra: ev.extra,
             started,
+            offset,
             too_long,
         };
         let key = cache::key(&self.model.id, &self.policy.version, lang, &normalised);
@@ -299,7 +302,6 @@ impl Screener {
                     let _ = tx.send(Msg::Hit {
                         p: slot.take().expect("unused"),
                         v,
-                        offset,
                     });
                     return Ok(());
                 }
@@ -321,7 +323,6 @@ impl Screener {
                     lang,
                     normalised,
                     truncated,
-                    offset,
                 });
             }),
         })
@@ -353,10 +354,9 @@ impl Screener {
                         },
                     );
                 }
-                Msg::Hit { p, v, offset } => {
+                Msg::Hit { p, v } => {
                     summary.cache_hits += 1;
-                    let dead = p.too_long.as_ref().map(|d| d.0.clone());
-                    let seq = p.seq;
+                    let (seq, offset, dead) = (p.seq, p.offset, p.too_long.clone());
                     ready.insert(
                         seq,
                         Done {
@@ -373,7 +373,6 @@ impl Screener {
                     lang,
                     normalised,
                     truncated,
-                    offset,
                 } => {
                     let (v, err) = match scores {
                         Ok(s) => (
@@ -387,22 +386,17 @@ impl Screener {
                         .unwrap_or_default();
                     for (i, p) in std::iter::once(p).chain(waiters).enumerate() {
                         let cached = i > 0;
-                        let seq = p.seq;
-                        let off = if cached {
-                            p.too_long.as_ref().map_or(offset, |d| d.1)
-                        } else {
-                            offset
-                        };
+                        let (seq, offset) = (p.seq, p.offset);
                         let done = match (&v, &err) {
                             (Some(v), _) => {
                                 if cached {
                                     summary.cache_hits += 1;
                                 }
-                                let dead = p.too_long.as_ref().map(|d| d.0.clone());
+                                let dead = p.too_long.clone();
                                 Done {
                                     verdict: Some(self.verdict(p, v, cached)),
                                     dead,
-                                    offset: off,
+                                    offset,
                                 }
                             }
                             (None, e) => {
@@ -412,11 +406,11 @@ impl Screener {
                                     id: Some(p.id.clone()),
                                 };
                                 let dl =
-                                    DeadLetter::new(rej, json!({ "seq": seq + 1 }), b"", false);
+                                    DeadLetter::new(rej, json!({ "line": seq + 1 }), b"", false);
                                 Done {
                                     verdict: None,
                                     dead: Some(dl),
-                                    offset: off,
+                                    offset,
                                 }
                             }
                         };
@@ -437,7 +431,6 @@ impl Screener {
                     *summary.dead_letters.entry(d.error).or_default() += 1;
                 }
                 progress.set_position(done.offset.max(progress.position()));
-                progress.inc_length(0);
                 let _ = slots.recv();
                 next += 1;
             }
@@ -464,7 +457,6 @@ enum Msg {
     Hit {
         p: Pending,
         v: Arc<CachedVerdict>,
-        offset: u64,
     },
     Scored {
         p: Pending,
@@ -473,7 +465,6 @@ enum Msg {
         lang: Lang,
         normalised: String,
         truncated: bool,
-        offset: u64,
     },
 }
 

@@ -217,6 +217,12 @@ impl E5s1 {
             QStorage::from_data(std::borrow::Cow::Borrowed(raw), device, GgmlDType::Q4_0)?;
         Ok(QTensor::new(storage, (rows, cols))?)
     }
+
+    /// The raw Q4_0 bytes of a tensor (the packed encoder and the reference dequantizer).
+    pub fn q4_raw(&self, name: &str, elements: usize) -> Result<&[u8]> {
+        let e = self.entry(name, DTYPE_Q4_0, elements)?;
+        Ok(&self.bytes[e.offset..e.offset + e.len])
+    }
 }
 
 /// Dequantizes Q4_0 blocks by the format's definition, independent of candle: value =
@@ -234,14 +240,6 @@ pub fn dequantize_q4_0(raw: &[u8]) -> Vec<f32> {
         out.extend_from_slice(&vals);
     }
     out
-}
-
-impl E5s1 {
-    /// The raw Q4_0 bytes of a tensor (for the reference dequantizer in tests).
-    pub fn q4_raw(&self, name: &str, elements: usize) -> Result<&[u8]> {
-        let e = self.entry(name, DTYPE_Q4_0, elements)?;
-        Ok(&self.bytes[e.offset..e.offset + e.len])
-    }
 }
 
 #[cfg(test)]
