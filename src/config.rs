@@ -21,6 +21,10 @@ pub struct Config {
     pub screen: ScreenConfig,
     pub policy: PolicyConfig,
     pub responses: ResponsesConfig,
+    pub serve: ServeConfig,
+    pub kafka: KafkaConfig,
+    pub redis: RedisConfig,
+    pub telemetry: TelemetryConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -98,6 +102,64 @@ pub struct PolicyConfig {
 #[serde(deny_unknown_fields)]
 pub struct ResponsesConfig {
     pub path: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuditQuery {
+    Sha256,
+    Text,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeConfig {
+    pub batch_size: usize,
+    pub batch_wait_ms: u64,
+    pub max_in_flight: usize,
+    pub resume_in_flight: usize,
+    pub commit_interval_ms: u64,
+    pub revoke_drain_ms: u64,
+    pub shutdown_timeout_ms: u64,
+    pub audit_query: AuditQuery,
+    pub admin_addr: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    pub brokers: String,
+    pub group: String,
+    pub input_topic: String,
+    pub verdict_topic: String,
+    pub audit_topic: String,
+    pub dlq_topic: String,
+    pub session_timeout_ms: u64,
+    pub heartbeat_interval_ms: u64,
+    pub message_timeout_ms: u64,
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+    #[serde(default)]
+    pub consumer_properties: BTreeMap<String, String>,
+    #[serde(default)]
+    pub producer_properties: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    pub url: String,
+    pub key_prefix: String,
+    pub ttl_s: u64,
+    pub timeout_ms: u64,
+    pub reconnect_max_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    pub otlp_endpoint: String,
+    pub service_name: String,
 }
 
 fn bad(key: &str, msg: impl std::fmt::Display) -> Error {
@@ -193,6 +255,90 @@ impl Config {
                 ));
             }
         }
+        self.validate_serve()
+    }
+
+    fn validate_serve(&self) -> Result<()> {
+        let s = &self.serve;
+        if !(1..=8192).contains(&s.batch_size) {
+            return Err(bad("serve.batch_size", "must be 1..=8192"));
+        }
+        if s.max_in_flight < s.batch_size {
+            return Err(bad(
+                "serve.max_in_flight",
+                format!(
+                    "{} is below serve.batch_size ({})",
+                    s.max_in_flight, s.batch_size
+                ),
+            ));
+        }
+        if s.resume_in_flight >= s.max_in_flight {
+            return Err(bad(
+                "serve.resume_in_flight",
+                "must be below serve.max_in_flight, or the consumer would never resume",
+            ));
+        }
+        if s.commit_interval_ms == 0 {
+            return Err(bad("serve.commit_interval_ms", "must be at least 1"));
+        }
+        if !s.admin_addr.is_empty() && s.admin_addr.parse::<std::net::SocketAddr>().is_err() {
+            return Err(bad(
+                "serve.admin_addr",
+                format!(
+                    "{:?} is not HOST:PORT (e.g. 0.0.0.0:9464); empty turns it off",
+                    s.admin_addr
+                ),
+            ));
+        }
+        let k = &self.kafka;
+        for (key, v) in [
+            ("kafka.brokers", &k.brokers),
+            ("kafka.group", &k.group),
+            ("kafka.input_topic", &k.input_topic),
+            ("kafka.verdict_topic", &k.verdict_topic),
+            ("kafka.audit_topic", &k.audit_topic),
+            ("kafka.dlq_topic", &k.dlq_topic),
+        ] {
+            if v.trim().is_empty() {
+                return Err(bad(key, "must not be empty"));
+            }
+        }
+        let outputs = [&k.verdict_topic, &k.audit_topic, &k.dlq_topic];
+        if outputs.contains(&&k.input_topic) {
+            return Err(bad(
+                "kafka.input_topic",
+                "must differ from the verdict, audit and dead-letter topics (the worker would read its own output)",
+            ));
+        }
+        if k.heartbeat_interval_ms == 0 || k.heartbeat_interval_ms >= k.session_timeout_ms {
+            return Err(bad(
+                "kafka.heartbeat_interval_ms",
+                "must be above 0 and below kafka.session_timeout_ms",
+            ));
+        }
+        let r = &self.redis;
+        let redis_scheme = r.url.starts_with("redis://") || r.url.starts_with("rediss://");
+        if !r.url.is_empty() && !redis_scheme {
+            return Err(bad(
+                "redis.url",
+                "use redis://... or rediss://... (empty: no Redis)",
+            ));
+        }
+        if r.ttl_s == 0 {
+            return Err(bad("redis.ttl_s", "must be at least 1"));
+        }
+        if r.timeout_ms == 0 {
+            return Err(bad("redis.timeout_ms", "must be at least 1"));
+        }
+        let t = &self.telemetry;
+        let http_scheme =
+            t.otlp_endpoint.starts_with("http://") || t.otlp_endpoint.starts_with("https://");
+        if !t.otlp_endpoint.is_empty() && !http_scheme {
+            return Err(bad(
+                "telemetry.otlp_endpoint",
+                "use http://HOST:4318 or https://...",
+            ));
+        }
         Ok(())
     }
 
@@ -242,6 +388,22 @@ mod tests {
         let unknown = format!("{EMBEDDED_DEFAULT}\n[extra]\nx = 1\n");
         let e = Config::parse(&unknown, "t").unwrap_err().to_string();
         assert!(e.contains("unknown field"), "{e}");
+        let loop_topic = EMBEDDED_DEFAULT.replace(
+            "verdict_topic = \"guardian.verdicts\"",
+            "verdict_topic = \"guardian.queries\"",
+        );
+        let e = Config::parse(&loop_topic, "t").unwrap_err().to_string();
+        assert!(e.contains("kafka.input_topic"), "{e}");
+        let never_resume =
+            EMBEDDED_DEFAULT.replace("resume_in_flight = 2048", "resume_in_flight = 4096");
+        let e = Config::parse(&never_resume, "t").unwrap_err().to_string();
+        assert!(e.contains("serve.resume_in_flight"), "{e}");
+        let bad_redis = EMBEDDED_DEFAULT.replace(
+            "url = \"redis://127.0.0.1:6379\"",
+            "url = \"http://127.0.0.1:6379\"",
+        );
+        let e = Config::parse(&bad_redis, "t").unwrap_err().to_string();
+        assert!(e.contains("redis.url"), "{e}");
         let bad_dev = EMBEDDED_DEFAULT.replace("device = \"auto\"", "device = \"gpu\"");
         let e = Config::parse(&bad_dev, "t").unwrap_err().to_string();
         assert!(e.contains("model.device"), "{e}");

@@ -28,6 +28,10 @@ pub enum Error {
     EngineClosed,
     #[error("training data: {0}")]
     Data(String),
+    #[error("kafka: {0}")]
+    Kafka(String),
+    #[error("serve: {0}")]
+    Serve(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
