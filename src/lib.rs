@@ -13,6 +13,7 @@ pub mod model;
 pub mod policy;
 pub mod respond;
 pub mod screen;
+pub mod serve;
 pub mod taxonomy;
 pub mod train;
 pub mod util;

@@ -62,6 +62,9 @@ struct Global {
 enum Command {
     /// Screen JSONL queries ({"id", "query", ...} per line, or plain text lines) into verdicts.
     Screen(ScreenArgs),
+    /// Run the Kafka worker: consume query events in a consumer group, publish verdicts, audit
+    /// records and dead letters; Redis caches verdicts across workers. SIGTERM drains and exits 0.
+    Serve(ServeArgs),
     /// Score a labelled JSONL file: the paper's table, per language, category and source.
     Eval(EvalArgs),
     /// Train the heads on labelled JSONL (text, label, category, lang) and write them to --out.
@@ -73,6 +76,9 @@ enum Command {
     },
     /// Measure uncached throughput and batch latency at several batch settings.
     Bench(BenchArgs),
+    /// Measure the Kafka worker end to end through the broker: cold and warm cache, against
+    /// `screen`'s uncached rate in the same run. Needs the broker and Redis (`ops/services.sh up`).
+    BenchServe(BenchServeArgs),
     /// Print the effective configuration (after --config and flags) as TOML.
     Config,
 }
@@ -109,6 +115,59 @@ struct ScreenArgs {
     /// Fail (exit 3) if any input line was dead-lettered.
     #[arg(long, env = "GUARDIAN_STRICT")]
     strict: bool,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Kafka bootstrap servers, comma separated HOST:PORT [config kafka.brokers: 127.0.0.1:9092].
+    #[arg(long, env = "GUARDIAN_BROKERS")]
+    brokers: Option<String>,
+    /// Consumer group: workers with the same group share the input topic's partitions
+    /// [config kafka.group: guardian].
+    #[arg(long, env = "GUARDIAN_GROUP")]
+    group: Option<String>,
+    /// Topic of query events ({"id", "query", ...} JSON, as `screen` reads)
+    /// [config kafka.input_topic: guardian.queries].
+    #[arg(long, env = "GUARDIAN_INPUT_TOPIC")]
+    input_topic: Option<String>,
+    /// Topic for verdicts (the search engine reads it), keyed by event id
+    /// [config kafka.verdict_topic: guardian.verdicts].
+    #[arg(long, env = "GUARDIAN_VERDICT_TOPIC")]
+    verdict_topic: Option<String>,
+    /// Topic for audit records: verdict, query hash (or text), source offsets, timings, trace id
+    /// [config kafka.audit_topic: guardian.audit].
+    #[arg(long, env = "GUARDIAN_AUDIT_TOPIC")]
+    audit_topic: Option<String>,
+    /// Topic for dead letters: raw payload, topic/partition/offset and the reason
+    /// [config kafka.dlq_topic: guardian.dlq].
+    #[arg(long, env = "GUARDIAN_DLQ_TOPIC")]
+    dlq_topic: Option<String>,
+    /// Redis for the shared verdict cache (redis:// or rediss://, AUTH in the URL); "" disables
+    /// [config redis.url: redis://127.0.0.1:6379].
+    #[arg(long, env = "GUARDIAN_REDIS_URL")]
+    redis_url: Option<String>,
+    /// Prefix of the Redis keys [config redis.key_prefix: guardian:].
+    #[arg(long, env = "GUARDIAN_REDIS_PREFIX")]
+    redis_prefix: Option<String>,
+    /// Admin listener (HOST:PORT) for /metrics, /healthz and /readyz; "" turns it off
+    /// [config serve.admin_addr: 127.0.0.1:9464].
+    #[arg(long, env = "GUARDIAN_ADMIN_ADDR")]
+    admin_addr: Option<String>,
+    /// OTLP/HTTP endpoint for traces and metrics, e.g. http://localhost:4318 [config
+    /// telemetry.otlp_endpoint: none].
+    #[arg(long, env = "GUARDIAN_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+    /// How long SIGTERM/SIGINT waits for in-flight events before committing and exiting
+    /// [config serve.shutdown_timeout_ms: 10000].
+    #[arg(long, env = "GUARDIAN_SHUTDOWN_TIMEOUT_MS")]
+    shutdown_timeout_ms: Option<u64>,
+    /// Extra librdkafka property for both clients, KEY=VALUE; repeat, or comma-separate in the
+    /// env var (e.g. security.protocol=SASL_SSL).
+    #[arg(long = "kafka-property", env = "GUARDIAN_KAFKA_PROPERTIES", value_delimiter = ',', value_parser = guardian::serve::parse_property)]
+    kafka_properties: Vec<(String, String)>,
+    /// Label but never block: actions are "allow", the enforced action is in observed_action.
+    #[arg(long, env = "GUARDIAN_OBSERVE")]
+    observe: bool,
 }
 
 #[derive(Args)]
@@ -182,6 +241,37 @@ struct BenchArgs {
     json: bool,
 }
 
+#[derive(Args)]
+struct BenchServeArgs {
+    /// JSONL corpus ({"query": ...} per line).
+    #[arg(
+        long,
+        env = "GUARDIAN_BENCH_CORPUS",
+        default_value = "bench/corpus.jsonl"
+    )]
+    corpus: PathBuf,
+    #[arg(long, env = "GUARDIAN_BROKERS", default_value = "127.0.0.1:9092")]
+    brokers: String,
+    #[arg(
+        long,
+        env = "GUARDIAN_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379"
+    )]
+    redis_url: String,
+    /// Partitions of the benchmark's topics.
+    #[arg(long, env = "GUARDIAN_BENCH_PARTITIONS", default_value_t = 4)]
+    partitions: i32,
+    /// How many times each query is sent in the warm round.
+    #[arg(long, env = "GUARDIAN_BENCH_WARM_REPEATS", default_value_t = 20)]
+    warm_repeats: usize,
+    /// Admin port of the benchmarked worker (its /readyz says when it has partitions).
+    #[arg(long, env = "GUARDIAN_BENCH_ADMIN_PORT", default_value_t = 19464)]
+    admin_port: u16,
+    /// Print the report as JSON.
+    #[arg(long, env = "GUARDIAN_BENCH_JSON")]
+    json: bool,
+}
+
 fn init_logging(format: &str) -> Result<()> {
     let filter =
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
@@ -215,6 +305,20 @@ fn load_config(g: &Global) -> Result<Config> {
     }
     cfg.validate()?;
     Ok(cfg)
+}
+
+/// Queries of a benchmark corpus (JSONL objects or plain lines).
+fn read_corpus(path: &std::path::Path, cfg: &Config) -> Result<Vec<String>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            guardian::event::decode(l.as_bytes(), 0.into(), true, cfg.screen.max_query_chars)
+                .map(|e| e.query)
+        })
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|r| anyhow::anyhow!("{}: {}", path.display(), r.detail))
 }
 
 fn progress_bar(total: Option<u64>) -> indicatif::ProgressBar {
@@ -293,6 +397,7 @@ fn run(cli: Cli) -> Result<i32> {
             }
         }
         Command::Screen(a) => screen(&g, a),
+        Command::Serve(a) => serve(&g, a),
         Command::Eval(a) => eval(&g, a),
         Command::Train(a) => {
             let cfg = load_config(&g)?;
@@ -325,24 +430,27 @@ fn run(cli: Cli) -> Result<i32> {
             );
             Ok(0)
         }
+        Command::BenchServe(a) => {
+            let cfg = load_config(&g)?;
+            let corpus = read_corpus(&a.corpus, &cfg)?;
+            let opts = guardian::serve::bench::Options {
+                brokers: a.brokers,
+                redis_url: a.redis_url,
+                partitions: a.partitions,
+                warm_repeats: a.warm_repeats,
+                admin_port: a.admin_port,
+            };
+            let report = guardian::serve::bench::run(&cfg, &corpus, &opts, &|m| eprintln!("{m}"))?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.render());
+            }
+            Ok(0)
+        }
         Command::Bench(a) => {
             let cfg = load_config(&g)?;
-            let text = std::fs::read_to_string(&a.corpus)
-                .with_context(|| format!("reading {}", a.corpus.display()))?;
-            let corpus: Vec<String> = text
-                .lines()
-                .filter(|l| !l.trim().is_empty())
-                .map(|l| {
-                    guardian::event::decode(
-                        l.as_bytes(),
-                        0.into(),
-                        true,
-                        cfg.screen.max_query_chars,
-                    )
-                    .map(|e| e.query)
-                })
-                .collect::<std::result::Result<_, _>>()
-                .map_err(|r| anyhow::anyhow!("{}: {}", a.corpus.display(), r.detail))?;
+            let corpus = read_corpus(&a.corpus, &cfg)?;
             let report = guardian::bench::run(&cfg, &corpus, &a.settings, &a.weights, &|m| {
                 eprintln!("{m}")
             })?;
@@ -399,6 +507,62 @@ fn screen(g: &Global, a: ScreenArgs) -> Result<i32> {
     eprintln!("{}", summary.render());
     let dead_count: u64 = summary.dead_letters.values().sum();
     Ok(if a.strict && dead_count > 0 { 3 } else { 0 })
+}
+
+fn serve(g: &Global, a: ServeArgs) -> Result<i32> {
+    let mut cfg = load_config(g)?;
+    let set = |slot: &mut String, v: Option<String>| {
+        if let Some(v) = v {
+            *slot = v;
+        }
+    };
+    set(&mut cfg.kafka.brokers, a.brokers);
+    set(&mut cfg.kafka.group, a.group);
+    set(&mut cfg.kafka.input_topic, a.input_topic);
+    set(&mut cfg.kafka.verdict_topic, a.verdict_topic);
+    set(&mut cfg.kafka.audit_topic, a.audit_topic);
+    set(&mut cfg.kafka.dlq_topic, a.dlq_topic);
+    set(&mut cfg.redis.url, a.redis_url);
+    set(&mut cfg.redis.key_prefix, a.redis_prefix);
+    set(&mut cfg.serve.admin_addr, a.admin_addr);
+    set(&mut cfg.telemetry.otlp_endpoint, a.otlp_endpoint);
+    if let Some(t) = a.shutdown_timeout_ms {
+        cfg.serve.shutdown_timeout_ms = t;
+    }
+    if a.observe {
+        cfg.policy.mode = Mode::Observe;
+    }
+    cfg.validate()?;
+    let model = std::sync::Arc::new(guardian::model::Model::load(&cfg.model_spec())?);
+    // Four workers: batch tasks, the admin listener and Redis calls must keep running while one
+    // thread blocks (spawn_blocking covers tokenizing and the engine queue).
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let summary = rt.block_on(async move {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler");
+            tokio::select! {
+                _ = term.recv() => tracing::info!(signal = "SIGTERM", "stopping"),
+                _ = tokio::signal::ctrl_c() => tracing::info!(signal = "SIGINT", "stopping"),
+            }
+            let _ = stop_tx.send(true);
+        });
+        guardian::serve::run(cfg, model, a.kafka_properties, stop_rx).await
+    })?;
+    rt.shutdown_timeout(std::time::Duration::from_secs(2));
+    tracing::info!(
+        events = summary.events,
+        pauses = summary.pauses,
+        abandoned = summary.abandoned,
+        "stopped"
+    );
+    Ok(0)
 }
 
 fn eval(g: &Global, a: EvalArgs) -> Result<i32> {

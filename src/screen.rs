@@ -76,6 +76,11 @@ impl Screener {
         })
     }
 
+    /// The batching engine (for callers that manage their own events, like the Kafka worker).
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
     /// Applies the policy and picks the response.
     pub fn decide(
         &self,
