@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 
+pub mod kafka;
+
 /// The model cache the tests use: GUARDIAN_HOME, else the default. `.ci/run` fetches into it.
 pub fn home() -> PathBuf {
     std::env::var_os("GUARDIAN_HOME")
