@@ -64,7 +64,7 @@ enum Command {
     Screen(ScreenArgs),
     /// Run the Kafka worker: consume query events in a consumer group, publish verdicts, audit
     /// records and dead letters; Redis caches verdicts across workers. SIGTERM drains and exits 0.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Score a labelled JSONL file: the paper's table, per language, category and source.
     Eval(EvalArgs),
     /// Train the heads on labelled JSONL (text, label, category, lang) and write them to --out.
@@ -161,6 +161,13 @@ struct ServeArgs {
     /// [config serve.shutdown_timeout_ms: 10000].
     #[arg(long, env = "GUARDIAN_SHUTDOWN_TIMEOUT_MS")]
     shutdown_timeout_ms: Option<u64>,
+    /// Consumer-group session timeout: a worker that stops heartbeating loses its partitions
+    /// after this long [config kafka.session_timeout_ms: 10000].
+    #[arg(long, env = "GUARDIAN_SESSION_TIMEOUT_MS")]
+    session_timeout_ms: Option<u64>,
+    /// Heartbeat interval, below the session timeout [config kafka.heartbeat_interval_ms: 3000].
+    #[arg(long, env = "GUARDIAN_HEARTBEAT_INTERVAL_MS")]
+    heartbeat_interval_ms: Option<u64>,
     /// Extra librdkafka property for both clients, KEY=VALUE; repeat, or comma-separate in the
     /// env var (e.g. security.protocol=SASL_SSL).
     #[arg(long = "kafka-property", env = "GUARDIAN_KAFKA_PROPERTIES", value_delimiter = ',', value_parser = guardian::serve::parse_property)]
@@ -397,7 +404,7 @@ fn run(cli: Cli) -> Result<i32> {
             }
         }
         Command::Screen(a) => screen(&g, a),
-        Command::Serve(a) => serve(&g, a),
+        Command::Serve(a) => serve(&g, *a),
         Command::Eval(a) => eval(&g, a),
         Command::Train(a) => {
             let cfg = load_config(&g)?;
@@ -439,6 +446,7 @@ fn run(cli: Cli) -> Result<i32> {
                 partitions: a.partitions,
                 warm_repeats: a.warm_repeats,
                 admin_port: a.admin_port,
+                worker_args: worker_args(&g),
             };
             let report = guardian::serve::bench::run(&cfg, &corpus, &opts, &|m| eprintln!("{m}"))?;
             if a.json {
@@ -509,6 +517,34 @@ fn screen(g: &Global, a: ScreenArgs) -> Result<i32> {
     Ok(if a.strict && dead_count > 0 { 3 } else { 0 })
 }
 
+/// The global flags given to `bench-serve`, for the workers it starts: they must screen with the
+/// same configuration, model files and weights as the in-process baseline.
+fn worker_args(g: &Global) -> Vec<String> {
+    let mut args = Vec::new();
+    let mut push = |flag: &str, v: Option<String>| {
+        if let Some(v) = v {
+            args.push(flag.to_string());
+            args.push(v);
+        }
+    };
+    push(
+        "--config",
+        g.config.as_ref().map(|p| p.display().to_string()),
+    );
+    push("--home", g.home.as_ref().map(|p| p.display().to_string()));
+    push("--device", g.device.clone());
+    push(
+        "--weights",
+        g.weights.map(|w| match w {
+            WeightFormat::F32 => "f32".to_string(),
+            WeightFormat::Q4 => "q4".to_string(),
+        }),
+    );
+    push("--max-tokens", g.max_tokens.map(|n| n.to_string()));
+    push("--heads", g.heads.as_ref().map(|p| p.display().to_string()));
+    args
+}
+
 fn serve(g: &Global, a: ServeArgs) -> Result<i32> {
     let mut cfg = load_config(g)?;
     let set = |slot: &mut String, v: Option<String>| {
@@ -528,6 +564,12 @@ fn serve(g: &Global, a: ServeArgs) -> Result<i32> {
     set(&mut cfg.telemetry.otlp_endpoint, a.otlp_endpoint);
     if let Some(t) = a.shutdown_timeout_ms {
         cfg.serve.shutdown_timeout_ms = t;
+    }
+    if let Some(t) = a.session_timeout_ms {
+        cfg.kafka.session_timeout_ms = t;
+    }
+    if let Some(t) = a.heartbeat_interval_ms {
+        cfg.kafka.heartbeat_interval_ms = t;
     }
     if a.observe {
         cfg.policy.mode = Mode::Observe;

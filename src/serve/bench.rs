@@ -14,7 +14,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
-use rdkafka::Message;
+use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::Serialize;
 use serde_json::{json, Value};
 
@@ -31,6 +31,8 @@ pub struct Options {
     /// Each query is sent this many times in the warm round.
     pub warm_repeats: usize,
     pub admin_port: u16,
+    /// Global flags for the workers (config, model files, weights), as given to the bench.
+    pub worker_args: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -224,8 +226,11 @@ pub fn run(cfg: &Config, corpus: &[String], opts: &Options, log: &dyn Fn(&str)) 
         ));
         drop(worker);
 
-        // Overload: ten times what the worker screens in 3 s, all new, produced at once.
-        let n = ((screen_rate * 3.0 * 10.0) as usize).max(corpus.len());
+        // Overload: all new, produced at once: ten times what the worker screens in 3 s, and at
+        // least twice serve.max_in_flight so that the consumer must pause.
+        let n = ((screen_rate * 3.0 * 10.0) as usize)
+            .max(cfg.serve.max_in_flight * 2)
+            .max(corpus.len());
         let over_topics = Topics {
             input: format!("{prefix}.queries3"),
             ..topics.clone()
@@ -332,6 +337,7 @@ async fn create_topics(brokers: &str, topics: &[(&String, i32)]) -> Result<()> {
 fn spawn_worker(opts: &Options, t: &Topics, redis_prefix: &str, group: &str) -> Result<Worker> {
     let exe = std::env::current_exe().map_err(|e| Error::io("current_exe", e))?;
     let child = Command::new(exe)
+        .args(&opts.worker_args)
         .args(["serve", "--group", group])
         .args(["--brokers", &opts.brokers])
         .args(["--input-topic", &t.input, "--verdict-topic", &t.verdict])
@@ -343,8 +349,13 @@ fn spawn_worker(opts: &Options, t: &Topics, redis_prefix: &str, group: &str) -> 
             redis_prefix,
         ])
         .args(["--admin-addr", &format!("127.0.0.1:{}", opts.admin_port)])
-        .args(["--kafka-property", "session.timeout.ms=6000"])
-        .args(["--kafka-property", "heartbeat.interval.ms=500"])
+        // Quick group joins: the broker holds a join for half the session timeout.
+        .args([
+            "--session-timeout-ms",
+            "6000",
+            "--heartbeat-interval-ms",
+            "500",
+        ])
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -396,17 +407,24 @@ async fn round(
 ) -> Result<Round> {
     let rss_start = rss_mib(worker);
     let mut rss_peak = rss_start;
+    // The reader assigns itself every partition instead of joining a group: a group join would
+    // take seconds and land inside the timed window.
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
-        .set("group.id", format!("{}-reader-{}", t.verdict, ids[0]))
-        .set("auto.offset.reset", "earliest")
+        .set("group.id", format!("{}-reader", t.verdict))
         .set("enable.auto.commit", "false")
-        .set("session.timeout.ms", "6000")
-        .set("heartbeat.interval.ms", "500")
         .create()
         .map_err(|e| Error::Kafka(e.to_string()))?;
+    let md = consumer
+        .fetch_metadata(Some(&t.verdict), Duration::from_secs(10))
+        .map_err(|e| Error::Kafka(e.to_string()))?;
+    let mut list = TopicPartitionList::new();
+    for p in md.topics().iter().flat_map(|t| t.partitions()) {
+        list.add_partition_offset(&t.verdict, p.id(), Offset::Beginning)
+            .map_err(|e| Error::Kafka(e.to_string()))?;
+    }
     consumer
-        .subscribe(&[t.verdict.as_str()])
+        .assign(&list)
         .map_err(|e| Error::Kafka(e.to_string()))?;
     let wanted: HashSet<&str> = ids.iter().map(String::as_str).collect();
     let started = Instant::now();

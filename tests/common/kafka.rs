@@ -378,8 +378,12 @@ impl Worker {
             .args(["--dlq-topic", &t.dlq, "--redis-url", redis])
             .args(["--redis-prefix", prefix])
             .args(["--admin-addr", &format!("127.0.0.1:{admin_port}")])
-            .args(["--kafka-property", "session.timeout.ms=6000"])
-            .args(["--kafka-property", "heartbeat.interval.ms=500"])
+            .args([
+                "--session-timeout-ms",
+                "6000",
+                "--heartbeat-interval-ms",
+                "500",
+            ])
             .env("GUARDIAN_HOME", super::home())
             .env("GUARDIAN_DEVICE", "cpu")
             .env("RUST_LOG", "info")
