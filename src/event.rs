@@ -35,6 +35,8 @@ pub enum Reason {
     QueryNotString,
     EmptyQuery,
     BadId,
+    /// `schema_version` names a version this worker does not read.
+    UnknownSchemaVersion,
     /// The query was over the length limit: screened on its prefix, and reported.
     QueryTooLong,
     /// The engine failed on this query.
@@ -51,6 +53,7 @@ impl Reason {
             Reason::QueryNotString => "query_not_string",
             Reason::EmptyQuery => "empty_query",
             Reason::BadId => "bad_id",
+            Reason::UnknownSchemaVersion => "unknown_schema_version",
             Reason::QueryTooLong => "query_too_long",
             Reason::EngineError => "engine_error",
         }
@@ -144,6 +147,9 @@ impl Scores {
 }
 
 /// Fields of the input that the verdict sets itself, and so are not copied over.
+/// The input event schema this build reads.
+pub const SCHEMA_VERSION: u64 = 1;
+
 const RESERVED: &[&str] = &[
     "id",
     "query",
@@ -206,6 +212,19 @@ pub fn decode(
                 )
             }
         };
+        // Producers may stamp events with "schema_version"; absent means version 1. A newer
+        // schema may change what fields mean, so it is not guessed at.
+        match obj.remove("schema_version") {
+            None | Some(Value::Null) => {}
+            Some(v) if v.as_u64() == Some(SCHEMA_VERSION) => {}
+            Some(other) => {
+                return reject(
+                    Reason::UnknownSchemaVersion,
+                    format!("\"schema_version\" {other} is not supported (this worker reads {SCHEMA_VERSION})"),
+                    Some(id),
+                )
+            }
+        }
         let query = match obj.remove("query") {
             None | Some(Value::Null) => {
                 return reject(Reason::MissingQuery, "no \"query\" field".into(), Some(id))
@@ -285,6 +304,15 @@ mod tests {
         assert_eq!(r(b"{\"id\":1,\"query\":\"  \"}"), Reason::EmptyQuery);
         assert_eq!(r(b"{\"id\":[1],\"query\":\"x\"}"), Reason::BadId);
         assert_eq!(r(b"   "), Reason::EmptyQuery);
+        assert_eq!(
+            r(b"{\"id\":1,\"query\":\"x\",\"schema_version\":2}"),
+            Reason::UnknownSchemaVersion
+        );
+        assert_eq!(
+            r(b"{\"id\":1,\"query\":\"x\",\"schema_version\":\"1\"}"),
+            Reason::UnknownSchemaVersion
+        );
+        assert!(dec(b"{\"id\":1,\"query\":\"x\",\"schema_version\":1}").is_ok());
         assert_eq!(r(b"bad \xff\xfe bytes"), Reason::InvalidUtf8);
         assert_eq!(
             decode(b"plain", json!(1), false, 10).unwrap_err().reason,

@@ -360,6 +360,10 @@ fn bad_events_go_to_the_dead_letter_topic() {
         ),
         ("bad_id", Msg::raw("b3", r#"{"id":[1],"query":"hello"}"#)),
         ("invalid_utf8", Msg::raw("b4", b"\xff\xfe bad".to_vec())),
+        (
+            "unknown_schema_version",
+            Msg::raw("s9", r#"{"id":"s9","query":"hello","schema_version":9}"#),
+        ),
         ("query_too_long", Msg::query("long1", &long)),
     ];
     let good = ["g1", "g2", "g3"].map(String::from);
