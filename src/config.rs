@@ -162,6 +162,18 @@ pub struct TelemetryConfig {
     pub service_name: String,
 }
 
+/// Lays `over` onto `base`: tables merge key by key, any other value replaces.
+fn merge_tables(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge_tables(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
 fn bad(key: &str, msg: impl std::fmt::Display) -> Error {
     Error::Config(format!("{key}: {msg}"))
 }
@@ -179,14 +191,29 @@ impl Config {
         Ok(cfg)
     }
 
+    /// The embedded default, with the keys of `path` laid over it: a file names only what it
+    /// changes, and a file written for an older release still loads when new tables appear.
     pub fn load(path: Option<&Path>) -> Result<Self> {
         match path {
             None => Ok(Self::embedded()),
             Some(p) => {
                 let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
-                Self::parse(&text, &p.display().to_string())
+                Self::parse_over_default(&text, &p.display().to_string())
             }
         }
+    }
+
+    pub fn parse_over_default(text: &str, origin: &str) -> Result<Self> {
+        let over: toml::Table =
+            toml::from_str(text).map_err(|e| Error::Config(format!("{origin}: {e}")))?;
+        let mut merged: toml::Table =
+            toml::from_str(EMBEDDED_DEFAULT).expect("the embedded default config is TOML");
+        merge_tables(&mut merged, over);
+        let cfg: Config = toml::Value::Table(merged)
+            .try_into()
+            .map_err(|e| Error::Config(format!("{origin}: {e}")))?;
+        cfg.validate()?;
+        Ok(cfg)
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -372,6 +399,23 @@ mod tests {
     fn embedded_default_is_valid() {
         let c = Config::embedded();
         assert_eq!(c.policy.categories.len(), Category::COUNT);
+    }
+
+    #[test]
+    fn a_file_lays_its_keys_over_the_default() {
+        let c = Config::parse_over_default("[screen]\nmax_query_chars = 40\n", "t").unwrap();
+        assert_eq!(c.screen.max_query_chars, 40);
+        let d = Config::embedded();
+        assert_eq!(c.kafka.input_topic, d.kafka.input_topic);
+        assert_eq!(c.policy.categories.len(), Category::COUNT);
+        let e = Config::parse_over_default("[kafka]\nbrokrs = \"x\"\n", "t")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("brokrs"), "{e}");
+        let e = Config::parse_over_default("[redis]\nttl_s = 0\n", "t")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("redis.ttl_s"), "{e}");
     }
 
     #[test]
