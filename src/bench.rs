@@ -174,16 +174,7 @@ pub fn run(
         c.model.weights = format;
         c.screen.cache_capacity = 0;
         let screener = Screener::with_model(model.clone(), &c, None)?;
-        let input: String = corpus
-            .iter()
-            .map(|q| serde_json::json!({ "id": 0, "query": q }).to_string() + "\n")
-            .collect();
-        let summary = screener.run_stream(
-            &mut input.as_bytes(),
-            Box::new(std::io::sink()),
-            Box::new(std::io::sink()),
-            &indicatif::ProgressBar::hidden(),
-        )?;
+        let summary = stream_corpus(&screener, corpus)?;
         log(&format!(
             "{:<4} screen pipeline (cache off): {:.1} q/s",
             format.to_string(),
@@ -265,4 +256,19 @@ impl Report {
         }
         s
     }
+}
+
+/// Runs `corpus` through `screen`'s streaming pipeline (JSONL in, verdicts discarded): the
+/// baseline rate that the other measurements are compared against.
+pub fn stream_corpus(screener: &Screener, corpus: &[String]) -> Result<crate::screen::Summary> {
+    let input: String = corpus
+        .iter()
+        .map(|q| serde_json::json!({ "id": 0, "query": q }).to_string() + "\n")
+        .collect();
+    screener.run_stream(
+        &mut input.as_bytes(),
+        Box::new(std::io::sink()),
+        Box::new(std::io::sink()),
+        &indicatif::ProgressBar::hidden(),
+    )
 }

@@ -109,8 +109,21 @@ impl Screener {
     }
 
     fn verdict(&self, p: Pending, v: &CachedVerdict, cached: bool) -> Verdict {
+        self.verdict_record(p.id, p.extra, v, cached, p.started)
+    }
+
+    /// The verdict record of one event: the shared verdict plus the event's id and extra fields,
+    /// this screener's model and policy versions, and the latency since `started`.
+    pub fn verdict_record(
+        &self,
+        id: serde_json::Value,
+        extra: serde_json::Map<String, serde_json::Value>,
+        v: &CachedVerdict,
+        cached: bool,
+        started: Instant,
+    ) -> Verdict {
         Verdict {
-            id: p.id,
+            id,
             label: v.label,
             category: v.category,
             scores: v.scores.clone(),
@@ -122,8 +135,8 @@ impl Screener {
             policy: self.policy.version.clone(),
             cached,
             truncated: v.truncated,
-            latency_ms: (p.started.elapsed().as_secs_f64() * 1e5).round() / 100.0,
-            extra: p.extra,
+            latency_ms: (started.elapsed().as_secs_f64() * 1e5).round() / 100.0,
+            extra,
         }
     }
 

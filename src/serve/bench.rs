@@ -138,16 +138,7 @@ pub fn run(cfg: &Config, corpus: &[String], opts: &Options, log: &dyn Fn(&str)) 
     let mut c = cfg.clone();
     c.screen.cache_capacity = 0;
     let screener = Screener::with_model(model, &c, None)?;
-    let input: String = corpus
-        .iter()
-        .map(|q| json!({ "id": 0, "query": q }).to_string() + "\n")
-        .collect();
-    let summary = screener.run_stream(
-        &mut input.as_bytes(),
-        Box::new(std::io::sink()),
-        Box::new(std::io::sink()),
-        &indicatif::ProgressBar::hidden(),
-    )?;
+    let summary = crate::bench::stream_corpus(&screener, corpus)?;
     drop(screener);
     let screen_rate = summary.queries_per_sec();
     log(&format!("screen (uncached): {screen_rate:.1} q/s"));

@@ -404,22 +404,8 @@ impl Pipeline {
     }
 
     fn verdict(&self, s: &Screened, v: &CachedVerdict, cached: bool, received: Instant) -> Verdict {
-        Verdict {
-            id: s.ev.id.clone(),
-            label: v.label,
-            category: v.category,
-            scores: v.scores.clone(),
-            action: v.action,
-            observed_action: v.observed_action,
-            response: v.response.clone(),
-            lang: v.lang,
-            model: self.screener.model.id.clone(),
-            policy: self.screener.policy.version.clone(),
-            cached,
-            truncated: v.truncated,
-            latency_ms: (received.elapsed().as_secs_f64() * 1e5).round() / 100.0,
-            extra: s.ev.extra.clone(),
-        }
+        self.screener
+            .verdict_record(s.ev.id.clone(), s.ev.extra.clone(), v, cached, received)
     }
 
     #[allow(clippy::too_many_arguments)]
