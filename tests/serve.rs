@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::kafka::{
     corpus, free_port, missing, produce, produce_paced, producer, redis_keys, tally, unique,
-    Collector, Msg, RedisServer, Topics, Worker, REDIS_URL,
+    Collector, Msg, OtlpSink, RedisServer, Topics, Worker, REDIS_URL,
 };
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -463,4 +463,72 @@ fn repeated_query_is_served_from_redis_by_a_second_worker() {
     assert!(close(&v1["scores"]["unsafe"], &v2["scores"]["unsafe"]));
     let status = b.stop();
     assert_eq!(status.code(), Some(0), "SIGTERM exit: {status}");
+}
+
+#[test]
+fn spans_and_metrics_are_exported_over_otlp() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Topics::create("otlp");
+    let out = Collector::start(&t.outputs());
+    let sink = OtlpSink::start();
+    let endpoint = sink.endpoint();
+    let mut w = Worker::start_with(
+        "w",
+        dir.path(),
+        &t,
+        &unique("g"),
+        REDIS_URL,
+        &unique("p"),
+        &["--otlp-endpoint", &endpoint],
+    );
+    let queries: Vec<String> = corpus().into_iter().take(20).collect();
+    let ids = ids("ot", 20);
+    let mut events = msgs(&ids, &queries);
+    let trace_id: [u8; 16] = *b"guardian-otlp-t1";
+    let hex: String = trace_id.iter().map(|b| format!("{b:02x}")).collect();
+    events[0].traceparent = Some(format!("00-{hex}-00f067aa0ba902b7-01"));
+    produce(&producer(), &t.input, &events);
+    expect_all(&out, &t, &ids, secs(90), "20 events");
+    // SIGTERM flushes the span batch and the last metric collection.
+    let status = w.stop();
+    assert_eq!(status.code(), Some(0), "SIGTERM exit: {status}");
+
+    let traces = sink.bodies("/v1/traces");
+    let metrics = sink.bodies("/v1/metrics");
+    let has = |bodies: &[Vec<u8>], needle: &[u8]| {
+        bodies
+            .iter()
+            .any(|b| b.windows(needle.len()).any(|w| w == needle))
+    };
+    println!(
+        "OTLP: {} trace exports ({} bytes), {} metric exports ({} bytes)",
+        traces.len(),
+        traces.iter().map(Vec::len).sum::<usize>(),
+        metrics.len(),
+        metrics.iter().map(Vec::len).sum::<usize>()
+    );
+    assert!(
+        has(&traces, &trace_id),
+        "the input's trace id is in an exported span"
+    );
+    assert!(has(&traces, b"guardian.event"), "per-event spans exported");
+    assert!(has(&traces, b"guardian.batch"), "per-batch spans exported");
+    assert!(
+        has(&metrics, b"guardian.events.in"),
+        "the events-in counter exported"
+    );
+    assert!(
+        !has(&traces, queries[0].as_bytes()) && !has(&metrics, queries[0].as_bytes()),
+        "no query text leaves in telemetry"
+    );
+    let log = w.log();
+    assert!(log.contains("\"message\":\"serving\""), "JSON logs: {log}");
+    let leaked: Vec<&String> = queries
+        .iter()
+        .filter(|q| log.contains(q.as_str()))
+        .collect();
+    assert!(
+        leaked.is_empty(),
+        "query text in the worker's log: {leaked:?}"
+    );
 }

@@ -369,6 +369,19 @@ impl Worker {
         redis: &str,
         prefix: &str,
     ) -> Self {
+        Self::start_with(name, dir, t, group, redis, prefix, &[])
+    }
+
+    /// As `start`, with more `serve` flags.
+    pub fn start_with(
+        name: &str,
+        dir: &Path,
+        t: &Topics,
+        group: &str,
+        redis: &str,
+        prefix: &str,
+        extra: &[&str],
+    ) -> Self {
         let admin_port = free_port();
         let log = dir.join(format!("{name}.log"));
         let child = Command::new(super::bin())
@@ -384,6 +397,7 @@ impl Worker {
                 "--heartbeat-interval-ms",
                 "500",
             ])
+            .args(extra)
             .env("GUARDIAN_HOME", super::home())
             .env("GUARDIAN_DEVICE", "cpu")
             .env("RUST_LOG", "info")
@@ -590,4 +604,89 @@ pub fn metric(text: &str, name: &str) -> f64 {
             l.rsplit(' ').next()?.parse::<f64>().ok()
         })
         .sum()
+}
+
+/// `(path, body)` of each request an `OtlpSink` received.
+type Requests = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
+/// An OTLP/HTTP receiver on 127.0.0.1: answers every POST with 200 and keeps `(path, body)`.
+pub struct OtlpSink {
+    pub port: u16,
+    requests: Requests,
+}
+
+impl OtlpSink {
+    pub fn start() -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the OTLP sink");
+        let port = listener.local_addr().unwrap().port();
+        let requests: Requests = Arc::default();
+        let seen = requests.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                let seen = seen.clone();
+                std::thread::spawn(move || serve_otlp(conn, &seen));
+            }
+        });
+        Self { port, requests }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Bodies received on `path`.
+    pub fn bodies(&self, path: &str) -> Vec<Vec<u8>> {
+        self.requests
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(p, _)| p == path)
+            .map(|(_, b)| b.clone())
+            .collect()
+    }
+}
+
+/// Reads HTTP/1.1 requests off one (keep-alive) connection.
+fn serve_otlp(conn: std::net::TcpStream, seen: &Mutex<Vec<(String, Vec<u8>)>>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let mut out = conn.try_clone().expect("clone the connection");
+    let mut r = BufReader::new(conn);
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        let path = line
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or_default()
+            .to_string();
+        let mut len = 0usize;
+        loop {
+            let mut h = String::new();
+            if r.read_line(&mut h).unwrap_or(0) == 0 {
+                return;
+            }
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':') {
+                if k.eq_ignore_ascii_case("content-length") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+            }
+        }
+        let mut body = vec![0u8; len];
+        if r.read_exact(&mut body).is_err() {
+            return;
+        }
+        seen.lock().unwrap().push((path, body));
+        let reply =
+            "HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n";
+        if out.write_all(reply.as_bytes()).is_err() {
+            return;
+        }
+    }
 }
