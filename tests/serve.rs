@@ -269,7 +269,8 @@ fn redis_outage_loses_nothing_and_cache_recovers() {
     let port = free_port();
     let mut redis = RedisServer::start(dir.path(), port);
     let prefix = unique("p");
-    let w = Worker::start("w", dir.path(), &t, &unique("g"), &redis.url(), &prefix);
+    let group = unique("g");
+    let mut w = Worker::start("w", dir.path(), &t, &group, &redis.url(), &prefix);
     w.wait_assigned();
     let queries: Vec<String> = corpus()[200..250].to_vec();
     let p = producer();
@@ -336,6 +337,19 @@ fn redis_outage_loses_nothing_and_cache_recovers() {
         !keys.is_empty(),
         "nothing written to Redis after it came back"
     );
+
+    // A fresh worker (empty memory cache) gets the round-3 queries from the restarted Redis.
+    let status = w.stop();
+    assert_eq!(status.code(), Some(0), "SIGTERM exit: {status}");
+    let w2 = Worker::start("w2", dir.path(), &t, &group, &redis.url(), &prefix);
+    let r4 = ids("r4-", 10);
+    produce(&p, &t.input, &msgs(&r4, &fresh));
+    expect_all(&out, &t, &r4, secs(90), "round 4, fresh worker");
+    let served = by_id(&out.records(&t.verdict));
+    let from_redis = r4.iter().filter(|id| served[*id]["cached"] == true).count();
+    println!("round 4, fresh worker: {from_redis} of 10 served from Redis");
+    assert_eq!(from_redis, 10, "Redis hits after Redis came back");
+    assert!(w2.metric("guardian_cache_hits") >= 10.0);
 }
 
 #[test]
