@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Local services for `guardian serve` and its integration tests, on 127.0.0.1:
 #   - a Kafka-protocol broker on port 9092: Nisshi (Apache-Kafka compatible, written in Rust),
-#     pinned and built once per machine into GUARDIAN_HOME/tools (about 16 min on 2 cores);
+#     pinned and built once per machine into GUARDIAN_HOME/tools (about 18 min on 2 cores);
 #   - Redis on port 6379: the one already listening, or Debian's redis-server (installed if
 #     missing).
 #
@@ -43,7 +43,7 @@ wait_port() {
 build_broker() {
   [ -x "$NISSHI" ] && return 0
   command -v cargo >/dev/null || die "cargo is required to build the broker (https://rustup.rs)"
-  log "building the Nisshi $NISSHI_VERSION broker into $TOOLS (once per machine, ~16 min on 2 cores)"
+  log "building the Nisshi $NISSHI_VERSION broker into $TOOLS (once per machine, ~18 min on 2 cores)"
   mkdir -p "$TOOLS"
   # libsql: sqlite:// storage; dynostore: memory:// storage. The default build keeps nothing.
   cargo install nisshi --version "$NISSHI_VERSION" --locked --no-default-features \
