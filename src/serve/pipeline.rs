@@ -3,7 +3,7 @@
 //! publish a verdict and an audit record per event and a dead letter per bad one, wait for the
 //! broker's acknowledgements, and only then mark the events' offsets finished.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -120,8 +120,9 @@ impl Pipeline {
         // 2. Caches: memory first, then one MGET for the rest.
         let mut verdicts: HashMap<Key, (Arc<CachedVerdict>, &'static str)> = HashMap::new();
         let mut missing: Vec<Key> = Vec::new();
+        let mut looked_up: HashSet<Key> = HashSet::new();
         for s in decoded.iter().flatten() {
-            if verdicts.contains_key(&s.key) || missing.contains(&s.key) {
+            if !looked_up.insert(s.key) {
                 continue;
             }
             let hit = self
@@ -344,9 +345,13 @@ impl Pipeline {
         if missing.is_empty() {
             return Vec::new();
         }
+        let mut first_of: HashMap<Key, &Screened> = HashMap::with_capacity(missing.len());
+        for s in decoded.iter().flatten() {
+            first_of.entry(s.key).or_insert(s);
+        }
         let mut firsts: Vec<(Key, String, bool, Lang, String)> = Vec::with_capacity(missing.len());
         for k in missing {
-            if let Some(s) = decoded.iter().flatten().find(|s| &s.key == k) {
+            if let Some(s) = first_of.get(k) {
                 firsts.push((
                     *k,
                     s.ev.query.clone(),
