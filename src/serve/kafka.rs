@@ -49,29 +49,31 @@ pub fn offsets_list(offsets: &[(Tp, i64)]) -> TopicPartitionList {
 }
 
 impl WorkerContext {
-    /// Commits synchronously; on failure the offsets go back to the tracker.
-    pub fn commit_now<C: Consumer<Self>>(&self, consumer: &C, offsets: Vec<(Tp, i64)>) -> bool
+    /// Commits `offsets`; on failure they go back to the tracker and are committed again later.
+    /// Asynchronous commits report success in `commit_callback`.
+    pub fn commit<C: Consumer<Self>>(&self, consumer: &C, offsets: Vec<(Tp, i64)>, mode: CommitMode)
     where
         Self: Sized,
     {
         if offsets.is_empty() {
-            return true;
+            return;
         }
-        match consumer.commit(&offsets_list(&offsets), CommitMode::Sync) {
-            Ok(()) => {
-                self.metrics
-                    .commits
-                    .add(1, &[KeyValue::new("result", "ok")]);
-                true
-            }
-            Err(e) => {
-                self.metrics
-                    .commits
-                    .add(1, &[KeyValue::new("result", "error")]);
-                tracing::warn!(error = %e, "offset commit failed; will retry");
-                self.tracker.uncommit(&offsets);
-                false
-            }
+        match consumer.commit(&offsets_list(&offsets), mode) {
+            Ok(()) if matches!(mode, CommitMode::Sync) => self.commit_result(Ok(()), &offsets),
+            Ok(()) => {}
+            Err(e) => self.commit_result(Err(e), &offsets),
+        }
+    }
+
+    /// Counts a commit's result; a failed one goes back to the tracker.
+    fn commit_result(&self, result: KafkaResult<()>, offsets: &[(Tp, i64)]) {
+        let label = if result.is_ok() { "ok" } else { "error" };
+        self.metrics
+            .commits
+            .add(1, &[KeyValue::new("result", label)]);
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "offset commit failed; will retry");
+            self.tracker.uncommit(offsets);
         }
     }
 }
@@ -101,7 +103,7 @@ impl ConsumerContext for WorkerContext {
             let left = self.tracker.wait_idle(Some(&revoked), self.revoke_drain);
             let done = self.tracker.take_committable(Some(&revoked));
             let committed = done.len();
-            self.commit_now(consumer, done);
+            self.commit(consumer, done, CommitMode::Sync);
             tracing::info!(
                 partitions = revoked.len(),
                 committed,
@@ -135,32 +137,35 @@ impl ConsumerContext for WorkerContext {
 
     fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
         // Only asynchronous commits report here.
-        let label = if result.is_ok() { "ok" } else { "error" };
-        self.metrics
-            .commits
-            .add(1, &[KeyValue::new("result", label)]);
-        if let Err(e) = result {
-            tracing::warn!(error = %e, "offset commit failed; will retry");
-            let back: Vec<(Tp, i64)> = offsets
-                .elements()
-                .iter()
-                .filter_map(|e| match e.offset() {
-                    Offset::Offset(o) => Some(((e.topic().to_string(), e.partition()), o)),
-                    _ => None,
-                })
-                .collect();
-            self.tracker.uncommit(&back);
-        }
+        let offsets: Vec<(Tp, i64)> = offsets
+            .elements()
+            .iter()
+            .filter_map(|e| match e.offset() {
+                Offset::Offset(o) => Some(((e.topic().to_string(), e.partition()), o)),
+                _ => None,
+            })
+            .collect();
+        self.commit_result(result, &offsets);
     }
 }
 
-fn base(cfg: &KafkaConfig, extra: &[(String, String)]) -> ClientConfig {
+/// The brokers, the shared properties, then the client's own defaults, its properties from
+/// config and the CLI's (later settings win).
+fn client_config<'a>(
+    cfg: &'a KafkaConfig,
+    defaults: &[(&str, String)],
+    own: impl Iterator<Item = (&'a String, &'a String)>,
+    extra: &'a [(String, String)],
+) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &cfg.brokers);
     for (k, v) in &cfg.properties {
         c.set(k, v);
     }
-    for (k, v) in extra {
+    for (k, v) in defaults {
+        c.set(*k, v);
+    }
+    for (k, v) in own.chain(extra.iter().map(|(k, v)| (k, v))) {
         c.set(k, v);
     }
     c
@@ -169,42 +174,30 @@ fn base(cfg: &KafkaConfig, extra: &[(String, String)]) -> ClientConfig {
 /// Consumer: manual commits only (offsets are stored and committed by the worker), bounded
 /// prefetch so a paused or slow worker holds little, statistics for lag.
 pub fn consumer_config(cfg: &KafkaConfig, extra: &[(String, String)]) -> ClientConfig {
-    let mut c = base(cfg, &[]);
-    c.set("group.id", &cfg.group)
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("session.timeout.ms", cfg.session_timeout_ms.to_string())
-        .set(
+    let defaults = [
+        ("group.id", cfg.group.clone()),
+        ("enable.auto.commit", "false".into()),
+        ("enable.auto.offset.store", "false".into()),
+        ("auto.offset.reset", "earliest".into()),
+        ("session.timeout.ms", cfg.session_timeout_ms.to_string()),
+        (
             "heartbeat.interval.ms",
             cfg.heartbeat_interval_ms.to_string(),
-        )
-        .set("queued.max.messages.kbytes", "16384")
-        .set("queued.min.messages", "10000")
-        .set("statistics.interval.ms", "5000");
-    for (k, v) in cfg
-        .consumer_properties
-        .iter()
-        .chain(extra.iter().map(|(k, v)| (k, v)))
-    {
-        c.set(k, v);
-    }
-    c
+        ),
+        ("queued.max.messages.kbytes", "16384".into()),
+        ("queued.min.messages", "10000".into()),
+        ("statistics.interval.ms", "5000".into()),
+    ];
+    client_config(cfg, &defaults, cfg.consumer_properties.iter(), extra)
 }
 
 /// Producer: idempotent, acks=all, so a retried record is written once and in order per key.
 pub fn producer_config(cfg: &KafkaConfig, extra: &[(String, String)]) -> ClientConfig {
-    let mut c = base(cfg, &[]);
-    c.set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", "5")
-        .set("message.timeout.ms", cfg.message_timeout_ms.to_string());
-    for (k, v) in cfg
-        .producer_properties
-        .iter()
-        .chain(extra.iter().map(|(k, v)| (k, v)))
-    {
-        c.set(k, v);
-    }
-    c
+    let defaults = [
+        ("enable.idempotence", "true".into()),
+        ("acks", "all".into()),
+        ("linger.ms", "5".into()),
+        ("message.timeout.ms", cfg.message_timeout_ms.to_string()),
+    ];
+    client_config(cfg, &defaults, cfg.producer_properties.iter(), extra)
 }

@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use opentelemetry::KeyValue;
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, Producer};
 use rdkafka::TopicPartitionList;
@@ -428,25 +428,14 @@ async fn intake(
 }
 
 fn commit(consumer: &StreamConsumer<WorkerContext>, tracker: &OffsetTracker, sync: bool) {
-    let offsets = tracker.take_committable(None);
-    if offsets.is_empty() {
-        return;
-    }
-    let ctx = consumer.context();
-    if sync {
-        ctx.commit_now(consumer, offsets);
-        return;
-    }
-    if let Err(e) = consumer.commit(
-        &kafka::offsets_list(&offsets),
-        rdkafka::consumer::CommitMode::Async,
-    ) {
-        ctx.metrics
-            .commits
-            .add(1, &[KeyValue::new("result", "error")]);
-        tracing::warn!(error = %e, "offset commit failed; will retry");
-        tracker.uncommit(&offsets);
-    }
+    let mode = if sync {
+        CommitMode::Sync
+    } else {
+        CommitMode::Async
+    };
+    consumer
+        .context()
+        .commit(consumer, tracker.take_committable(None), mode);
 }
 
 /// Parses `KEY=VALUE` (the CLI's --kafka-property).

@@ -36,11 +36,25 @@ impl RedisState {
 /// Called with the operation name when a Redis call fails or times out.
 pub type ErrorHook = Box<dyn Fn(&'static str) + Send + Sync>;
 
+const UP: u8 = 1;
+const DOWN: u8 = 2;
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+
 struct Conn {
     conn: Option<MultiplexedConnection>,
     /// No connection attempt before this instant (backoff after failures).
     next_attempt: Instant,
     backoff: Duration,
+}
+
+impl Conn {
+    /// After a failure: no new attempt before the backoff passes, and the next backoff doubles.
+    fn back_off(&mut self, max: Duration) -> Duration {
+        let wait = self.backoff;
+        self.next_attempt = Instant::now() + wait;
+        self.backoff = (wait * 2).min(max);
+        wait
+    }
 }
 
 pub struct RedisCache {
@@ -49,12 +63,13 @@ pub struct RedisCache {
     state: AtomicU8,
     prefix: String,
     ttl_s: u64,
+    /// Per command.
     timeout: Duration,
+    /// Connecting and PING: a TLS handshake needs more than a tight command timeout.
+    connect_timeout: Duration,
     max_backoff: Duration,
     on_error: ErrorHook,
 }
-
-const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 
 impl RedisCache {
     /// `None` when the URL is empty (no Redis). The URL is checked here; the connection is made
@@ -68,6 +83,7 @@ impl RedisCache {
                 "redis.url: {e} (expected redis://[USER:PASSWORD@]HOST:PORT[/DB] or rediss://...)"
             ))
         })?;
+        let timeout = Duration::from_millis(cfg.timeout_ms);
         Ok(Some(Arc::new(Self {
             client,
             conn: Mutex::new(Conn {
@@ -75,10 +91,11 @@ impl RedisCache {
                 next_attempt: Instant::now(),
                 backoff: FIRST_BACKOFF,
             }),
-            state: AtomicU8::new(2),
+            state: AtomicU8::new(DOWN),
             prefix: cfg.key_prefix.clone(),
             ttl_s: cfg.ttl_s,
-            timeout: Duration::from_millis(cfg.timeout_ms),
+            timeout,
+            connect_timeout: timeout.max(Duration::from_millis(500)),
             max_backoff: Duration::from_millis(cfg.reconnect_max_ms.max(100)),
             on_error,
         })))
@@ -86,7 +103,7 @@ impl RedisCache {
 
     pub fn state(&self) -> RedisState {
         match self.state.load(Ordering::Relaxed) {
-            1 => RedisState::Up,
+            UP => RedisState::Up,
             _ => RedisState::Down,
         }
     }
@@ -105,46 +122,48 @@ impl RedisCache {
             return None;
         }
         let cfg = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(self.timeout.max(Duration::from_millis(500))))
+            .set_connection_timeout(Some(self.connect_timeout))
             .set_response_timeout(Some(self.timeout));
         let attempt = self
             .client
             .get_multiplexed_async_connection_with_config(&cfg);
-        match tokio::time::timeout(self.timeout.max(Duration::from_millis(500)), attempt).await {
+        let why = match tokio::time::timeout(self.connect_timeout, attempt).await {
             Ok(Ok(c)) => {
                 g.conn = Some(c.clone());
                 g.backoff = FIRST_BACKOFF;
-                if self.state.swap(1, Ordering::Relaxed) != 1 {
+                if self.state.swap(UP, Ordering::Relaxed) != UP {
                     tracing::info!(target: "guardian::redis", "redis: connected");
                 }
-                Some(c)
+                return Some(c);
             }
-            Ok(Err(e)) => {
-                self.failed_connect(&mut g, &e.to_string());
-                None
-            }
-            Err(_) => {
-                self.failed_connect(&mut g, "connection timed out");
-                None
-            }
-        }
-    }
-
-    fn failed_connect(&self, g: &mut Conn, why: &str) {
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "connection timed out".to_string(),
+        };
         (self.on_error)("connect");
-        g.next_attempt = Instant::now() + g.backoff;
+        let wait = g.back_off(self.max_backoff);
+        self.state.store(DOWN, Ordering::Relaxed);
         tracing::warn!(
             target: "guardian::redis",
             error = why,
-            retry_in_ms = g.backoff.as_millis() as u64,
+            retry_in_ms = wait.as_millis() as u64,
             "redis: cannot connect; screening without the shared cache"
         );
-        g.backoff = (g.backoff * 2).min(self.max_backoff);
-        self.state.store(2, Ordering::Relaxed);
+        None
     }
 
-    /// After a failed call: drop the connection so the next call reconnects (after backoff).
-    async fn failed_call(&self, op: &'static str, why: &str) {
+    /// Runs one command with `timeout`. On an error or a timeout: counts it, drops the
+    /// connection so the next call reconnects (after the backoff), and returns `None`.
+    async fn call<T>(
+        &self,
+        op: &'static str,
+        timeout: Duration,
+        fut: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Option<T> {
+        let why = match tokio::time::timeout(timeout, fut).await {
+            Ok(Ok(v)) => return Some(v),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "timed out".to_string(),
+        };
         (self.on_error)(op);
         let mut g = self.conn.lock().await;
         if g.conn.take().is_some() {
@@ -155,23 +174,22 @@ impl RedisCache {
                 "redis: call failed; screening without the shared cache until it is back"
             );
         }
-        g.next_attempt = Instant::now() + g.backoff;
-        g.backoff = (g.backoff * 2).min(self.max_backoff);
-        self.state.store(2, Ordering::Relaxed);
+        g.back_off(self.max_backoff);
+        self.state.store(DOWN, Ordering::Relaxed);
+        None
     }
 
     /// Connects (or reconnects, after the backoff) and pings. Run at start and periodically, so
     /// health reflects Redis even while no events arrive.
     pub async fn probe(&self) -> RedisState {
-        let Some(mut conn) = self.connection().await else {
-            return self.state();
-        };
-        let cmd = redis::cmd("PING");
-        let ping = cmd.query_async::<String>(&mut conn);
-        match tokio::time::timeout(self.timeout.max(Duration::from_millis(500)), ping).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => self.failed_call("ping", &e.to_string()).await,
-            Err(_) => self.failed_call("ping", "timed out").await,
+        if let Some(mut conn) = self.connection().await {
+            let cmd = redis::cmd("PING");
+            self.call(
+                "ping",
+                self.connect_timeout,
+                cmd.query_async::<String>(&mut conn),
+            )
+            .await;
         }
         self.state()
     }
@@ -185,24 +203,20 @@ impl RedisCache {
         let names: Vec<String> = keys.iter().map(|k| self.redis_key(k)).collect();
         let mut cmd = redis::cmd("MGET");
         cmd.arg(&names);
-        let call = cmd.query_async::<Vec<Option<Vec<u8>>>>(&mut conn);
-        match tokio::time::timeout(self.timeout, call).await {
-            Ok(Ok(values)) => Some(
-                values
-                    .into_iter()
-                    // An entry that does not parse (another version wrote it) is a miss.
-                    .map(|v| v.and_then(|b| serde_json::from_slice(&b).ok()))
-                    .collect(),
-            ),
-            Ok(Err(e)) => {
-                self.failed_call("mget", &e.to_string()).await;
-                None
-            }
-            Err(_) => {
-                self.failed_call("mget", "timed out").await;
-                None
-            }
-        }
+        let values = self
+            .call(
+                "mget",
+                self.timeout,
+                cmd.query_async::<Vec<Option<Vec<u8>>>>(&mut conn),
+            )
+            .await?;
+        Some(
+            values
+                .into_iter()
+                // An entry that does not parse (another version wrote it) is a miss.
+                .map(|v| v.and_then(|b| serde_json::from_slice(&b).ok()))
+                .collect(),
+        )
     }
 
     /// Stores verdicts with the TTL in one pipeline. Failures are counted, never raised.
@@ -223,10 +237,7 @@ impl RedisCache {
                 .arg(self.ttl_s)
                 .ignore();
         }
-        match tokio::time::timeout(self.timeout, pipe.query_async::<()>(&mut conn)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => self.failed_call("set", &e.to_string()).await,
-            Err(_) => self.failed_call("set", "timed out").await,
-        }
+        self.call("set", self.timeout, pipe.query_async::<()>(&mut conn))
+            .await;
     }
 }
