@@ -88,6 +88,16 @@ pub struct DeadLetter {
 }
 
 impl DeadLetter {
+    /// The report for an event whose query was cut to `max_chars` (it is still screened).
+    pub fn query_too_long(ev: &QueryEvent, max_chars: usize, source: Value, raw: &[u8]) -> Self {
+        let rej = Rejection {
+            reason: Reason::QueryTooLong,
+            detail: format!("query longer than {max_chars} characters; screened on its prefix"),
+            id: Some(ev.id.clone()),
+        };
+        Self::new(rej, source, raw, true)
+    }
+
     pub fn new(rejection: Rejection, source: Value, raw: &[u8], screened: bool) -> Self {
         let cut = &raw[..raw.len().min(RAW_KEEP)];
         Self {

@@ -291,17 +291,9 @@ impl Screener {
         cache: Option<&VerdictCache<Pending>>,
     ) -> Result<()> {
         let started = Instant::now();
-        let too_long = ev.truncated_chars.then(|| {
-            let rej = Rejection {
-                reason: Reason::QueryTooLong,
-                detail: format!(
-                    "query longer than {} characters; screened on its prefix",
-                    self.max_query_chars
-                ),
-                id: Some(ev.id.clone()),
-            };
-            DeadLetter::new(rej, source, raw, true)
-        });
+        let too_long = ev
+            .truncated_chars
+            .then(|| DeadLetter::query_too_long(&ev, self.max_query_chars, source, raw));
         let lang = ev.lang.unwrap_or_else(|| util::detect_lang(&ev.query));
         let normalised = util::normalise(&ev.query);
         let pending = Pending {

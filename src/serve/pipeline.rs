@@ -308,21 +308,9 @@ impl Pipeline {
             event::decode(raw, fallback, false, self.max_query_chars)
         };
         let ev = ev.map_err(|rej| DeadLetter::new(rej, source(inc), raw, false))?;
-        let too_long = ev.truncated_chars.then(|| {
-            DeadLetter::new(
-                Rejection {
-                    reason: Reason::QueryTooLong,
-                    detail: format!(
-                        "query longer than {} characters; screened on its prefix",
-                        self.max_query_chars
-                    ),
-                    id: Some(ev.id.clone()),
-                },
-                source(inc),
-                raw,
-                true,
-            )
-        });
+        let too_long = ev
+            .truncated_chars
+            .then(|| DeadLetter::query_too_long(&ev, self.max_query_chars, source(inc), raw));
         let lang = ev.lang.unwrap_or_else(|| util::detect_lang(&ev.query));
         let normalised = util::normalise(&ev.query);
         let model = &self.screener.model.id;
