@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
-"""Build the quick training corpus (data/quick.jsonl) from the public data sets.
+"""Build the public-source training corpus (data/public.jsonl) from the public data sets.
 
 Usage (from the repository root):
 
-    python3 ops/build-quick-corpus.py --datasets ../shared/datasets --out data/quick.jsonl
+    python3 ops/build-public-corpus.py --datasets ../shared/datasets --out data/public.jsonl
 
 Both defaults are resolved relative to the repository root (the parent of the
 folder holding this script), so the script can be run from any directory.
@@ -89,9 +89,11 @@ QUOTAS: dict[str, dict[str, int | None]] = {
     "square": {"safe/ko": None, "unsafe/ko": 1750, "safe/en": None, "unsafe/en": 1250},
     # KoSBi: everything in Korean, English safe sentences sampled.
     "kosbi": {"safe/ko": None, "unsafe/ko": None, "safe/en": 800, "unsafe/en": None},
-    "korean_hate_speech_beep": {"hate/ko": None, "insult/ko": 1000, "safe/ko": 1000},
-    "kodoli": {"unsafe/ko": 1750, "safe/ko": 1500},
-    "curse_detection": {"unsafe/ko": 1750, "safe/ko": 1500},
+    # Korean comments are not queries: together they are capped at about a fifth of the Korean
+    # rows, so that the queries we screen dominate what the model learns.
+    "korean_hate_speech_beep": {"hate/ko": 700, "insult/ko": 400, "safe/ko": 400},
+    "kodoli": {"unsafe/ko": 700, "safe/ko": 600},
+    "curse_detection": {"unsafe/ko": 700, "safe/ko": 600},
     # Korean safe chit-chat: 4,000 rows in all.
     "korean_chatbot_data": {"safe/ko": 2000},
     "korean_3i4k": {"question/ko": 1000, "command/ko": 1000},
@@ -632,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--datasets", default="../shared/datasets",
                     help="folder with the public data sets (relative paths: to the repo root)")
-    ap.add_argument("--out", default="data/quick.jsonl",
+    ap.add_argument("--out", default="data/public.jsonl",
                     help="output JSONL file (relative paths: to the repo root)")
     args = ap.parse_args(argv)
 
