@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::model::WeightFormat;
+use crate::model::{Backbone, WeightFormat};
 use crate::taxonomy::Category;
 
 pub const EMBEDDED_DEFAULT: &str = include_str!("../config/guardian.toml");
@@ -31,6 +31,9 @@ pub struct Config {
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
     pub home: String,
+    /// Absent in files written before there was a choice: e5-small.
+    #[serde(default)]
+    pub backbone: Backbone,
     pub weights: WeightFormat,
     pub max_tokens: usize,
     pub device: String,
@@ -225,6 +228,15 @@ impl Config {
             ));
         }
         crate::model::device::parse_spec(&m.device).map_err(|e| bad("model.device", e))?;
+        if m.backbone == Backbone::EmbeddingGemma300m && m.weights != WeightFormat::F32 {
+            return Err(bad(
+                "model.weights",
+                format!(
+                    "{} with backbone {}: it comes as f32 safetensors; use weights = \"f32\"",
+                    m.weights, m.backbone
+                ),
+            ));
+        }
         let e = &self.engine;
         if e.max_batch_size == 0 || e.max_batch_size > 4096 {
             return Err(bad("engine.max_batch_size", "must be 1..=4096"));
@@ -383,6 +395,7 @@ impl Config {
     pub fn model_spec(&self) -> crate::model::ModelSpec {
         crate::model::ModelSpec {
             home: self.home(),
+            backbone: self.model.backbone,
             weights: self.model.weights,
             max_tokens: self.model.max_tokens,
             device: self.model.device.clone(),
@@ -398,6 +411,10 @@ mod tests {
     #[test]
     fn embedded_default_is_valid() {
         let c = Config::embedded();
+        assert_eq!(c.model.backbone, Backbone::E5Small);
+        let g = Config::parse_over_default("[model]\nbackbone = \"embeddinggemma-300m\"\n", "t")
+            .unwrap();
+        assert_eq!(g.model_spec().backbone, Backbone::EmbeddingGemma300m);
         assert_eq!(c.policy.categories.len(), Category::COUNT);
     }
 
@@ -448,6 +465,13 @@ mod tests {
         );
         let e = Config::parse(&bad_redis, "t").unwrap_err().to_string();
         assert!(e.contains("redis.url"), "{e}");
+        let bad_backbone =
+            EMBEDDED_DEFAULT.replace("backbone = \"e5-small\"", "backbone = \"gemma-2b\"");
+        let e = Config::parse(&bad_backbone, "t").unwrap_err().to_string();
+        assert!(
+            e.contains("gemma-2b") && e.contains("embeddinggemma-300m"),
+            "{e}"
+        );
         let bad_dev = EMBEDDED_DEFAULT.replace("device = \"auto\"", "device = \"gpu\"");
         let e = Config::parse(&bad_dev, "t").unwrap_err().to_string();
         assert!(e.contains("model.device"), "{e}");

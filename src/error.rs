@@ -12,8 +12,13 @@ pub enum Error {
     },
     #[error("model file {path} is not a valid E5S1 container: {reason}")]
     ModelFormat { path: PathBuf, reason: String },
-    #[error("model files are missing from {home}: {what}. Run `guardian models fetch` first")]
-    ModelMissing { home: PathBuf, what: String },
+    #[error("model files are missing from {home}: {what}. Run `{fetch}` first")]
+    ModelMissing {
+        home: PathBuf,
+        what: String,
+        /// The command that fetches them, e.g. `guardian models fetch`.
+        fetch: String,
+    },
     #[error("tokenizer: {0}")]
     Tokenizer(String),
     #[error("tensor computation: {0}")]

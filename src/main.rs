@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use guardian::config::{Config, Mode};
-use guardian::model::{fetch, WeightFormat};
+use guardian::model::{fetch, Backbone, WeightFormat};
 
 #[derive(Parser)]
 #[command(
@@ -42,6 +42,10 @@ struct Global {
     /// Encoder weight format: f32 (dequantized at load) or q4 (quantized matmuls).
     #[arg(long, global = true, env = "GUARDIAN_WEIGHTS")]
     weights: Option<WeightFormat>,
+    /// Pretrained encoder: e5-small (default) or embeddinggemma-300m (f32 only; needs heads
+    /// trained for it). With `models fetch|verify`: the backbone whose files to fetch or check.
+    #[arg(long, global = true, env = "GUARDIAN_BACKBONE")]
+    backbone: Option<Backbone>,
     /// Token limit per query.
     #[arg(long, global = true, env = "GUARDIAN_MAX_TOKENS")]
     max_tokens: Option<usize>,
@@ -185,6 +189,10 @@ struct EvalArgs {
     /// Print the report as JSON.
     #[arg(long, env = "GUARDIAN_EVAL_JSON")]
     json: bool,
+    /// Also record the report in this model card (e.g. models/MODEL_CARD.md), replacing the
+    /// section of an earlier eval of the same data file.
+    #[arg(long, env = "GUARDIAN_EVAL_CARD")]
+    card: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -216,6 +224,26 @@ struct TrainArgs {
     trunk: usize,
     #[arg(long, env = "GUARDIAN_TRAIN_LR", default_value_t = 2e-3)]
     lr: f64,
+    /// Train on this share of the train split (seeded), e.g. for a quick backbone comparison;
+    /// dev and test stay whole.
+    #[arg(long, env = "GUARDIAN_TRAIN_SUBSAMPLE", default_value_t = 1.0)]
+    train_subsample: f64,
+    /// After the heads, fine-tune this many top encoder layers with them (0: frozen encoder).
+    /// The layers below are run once and their output cached, so an epoch runs only these.
+    #[arg(long, env = "GUARDIAN_TRAIN_TUNE_LAYERS", default_value_t = 4)]
+    tune_layers: usize,
+    /// Fine-tuning epochs (the best on dev is kept; epoch 0 is the frozen model).
+    #[arg(long, env = "GUARDIAN_TRAIN_TUNE_EPOCHS", default_value_t = 3)]
+    tune_epochs: usize,
+    /// Learning rate of the tuned encoder layers.
+    #[arg(long, env = "GUARDIAN_TRAIN_TUNE_LR", default_value_t = 1e-4)]
+    tune_lr: f64,
+    /// Learning rate of the heads while fine-tuning.
+    #[arg(long, env = "GUARDIAN_TRAIN_TUNE_HEADS_LR", default_value_t = 2e-4)]
+    tune_heads_lr: f64,
+    /// Batch size while fine-tuning.
+    #[arg(long, env = "GUARDIAN_TRAIN_TUNE_BATCH", default_value_t = 32)]
+    tune_batch: usize,
 }
 
 #[derive(Args)]
@@ -235,7 +263,8 @@ struct BenchArgs {
         default_value = "1:128:0,8:1024:2,32:2048:5,64:4096:10"
     )]
     settings: Vec<guardian::bench::Setting>,
-    /// Weight formats to measure, comma separated.
+    /// Weight formats to measure, comma separated (embeddinggemma-300m: f32 only, others are
+    /// skipped for it).
     #[arg(
         long,
         env = "GUARDIAN_BENCH_WEIGHTS",
@@ -243,6 +272,10 @@ struct BenchArgs {
         default_value = "f32,q4"
     )]
     weights: Vec<WeightFormat>,
+    /// Backbones to measure, comma separated. Default: the configured one (--backbone), with
+    /// e5-small measured first beside it as the reference when that is another.
+    #[arg(long, env = "GUARDIAN_BENCH_BACKBONES", value_delimiter = ',')]
+    backbones: Vec<Backbone>,
     /// Print the report as JSON.
     #[arg(long, env = "GUARDIAN_BENCH_JSON")]
     json: bool,
@@ -303,6 +336,9 @@ fn load_config(g: &Global) -> Result<Config> {
     }
     if let Some(w) = g.weights {
         cfg.model.weights = w;
+    }
+    if let Some(b) = g.backbone {
+        cfg.model.backbone = b;
     }
     if let Some(t) = g.max_tokens {
         cfg.model.max_tokens = t;
@@ -376,25 +412,26 @@ fn run(cli: Cli) -> Result<i32> {
             let home = cfg.home();
             match action {
                 ModelsAction::Fetch { python } => {
-                    eprintln!("model cache: {}", home.display());
-                    fetch::fetch(&home, &python, &mut |m| eprintln!("  {m}"))?;
-                    eprintln!("all model files verified");
+                    let backbone = cfg.model.backbone;
+                    eprintln!("model cache: {} (backbone {backbone})", home.display());
+                    fetch::fetch(&home, &python, backbone, &mut |m| eprintln!("  {m}"))?;
+                    eprintln!("all {backbone} model files verified");
                     Ok(0)
                 }
                 ModelsAction::Verify => {
+                    let backbone = cfg.model.backbone;
+                    let fetch_cmd = backbone.fetch_command();
                     let mut ok = true;
-                    for r in fetch::verify(&home)? {
+                    for r in fetch::verify(&home, backbone)? {
                         let state = match &r.state {
                             fetch::FileState::Verified => "ok".to_string(),
                             fetch::FileState::Missing => {
                                 ok = false;
-                                "MISSING (run `guardian models fetch`)".to_string()
+                                format!("MISSING (run `{fetch_cmd}`)")
                             }
                             fetch::FileState::Mismatch(h) => {
                                 ok = false;
-                                format!(
-                                    "BAD sha256 {h} (delete it and run `guardian models fetch`)"
-                                )
+                                format!("BAD sha256 {h} (delete it and run `{fetch_cmd}`)")
                             }
                         };
                         println!("{:<70} {state}", r.dest.display());
@@ -413,12 +450,20 @@ fn run(cli: Cli) -> Result<i32> {
                 out: a.out,
                 dev_fraction: a.dev,
                 test_fraction: a.test,
+                train_subsample: a.train_subsample,
                 options: guardian::train::TrainOptions {
                     seed: a.seed,
                     epochs: a.epochs,
                     trunk: a.trunk,
                     learning_rate: a.lr,
                     ..Default::default()
+                },
+                tune: guardian::train::TuneOptions {
+                    layers: a.tune_layers,
+                    epochs: a.tune_epochs,
+                    batch_size: a.tune_batch.max(1),
+                    encoder_lr: a.tune_lr,
+                    heads_lr: a.tune_heads_lr,
                 },
                 spec: cfg.model_spec(),
             };
@@ -427,6 +472,9 @@ fn run(cli: Cli) -> Result<i32> {
                 || job.dev_fraction == 0.0
             {
                 bail!("--dev must be in (0, 0.5) and --test in [0, 0.5)");
+            }
+            if !(job.train_subsample > 0.0 && job.train_subsample <= 1.0) {
+                bail!("--train-subsample must be in (0, 1]");
             }
             let out = guardian::train::run(&job)?;
             println!("{}", out.dev.render());
@@ -459,9 +507,17 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Bench(a) => {
             let cfg = load_config(&g)?;
             let corpus = read_corpus(&a.corpus, &cfg)?;
-            let report = guardian::bench::run(&cfg, &corpus, &a.settings, &a.weights, &|m| {
-                eprintln!("{m}")
-            })?;
+            let backbones = if !a.backbones.is_empty() {
+                a.backbones
+            } else if cfg.model.backbone == Backbone::E5Small {
+                vec![Backbone::E5Small]
+            } else {
+                vec![Backbone::E5Small, cfg.model.backbone]
+            };
+            let report =
+                guardian::bench::run(&cfg, &corpus, &a.settings, &backbones, &a.weights, &|m| {
+                    eprintln!("{m}")
+                })?;
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -540,6 +596,7 @@ fn worker_args(g: &Global) -> Vec<String> {
             WeightFormat::Q4 => "q4".to_string(),
         }),
     );
+    push("--backbone", g.backbone.map(|b| b.to_string()));
     push("--max-tokens", g.max_tokens.map(|n| n.to_string()));
     push("--heads", g.heads.as_ref().map(|p| p.display().to_string()));
     args
@@ -658,6 +715,22 @@ fn eval(g: &Global, a: EvalArgs) -> Result<i32> {
             a.data.display()
         );
         print!("{}", report.render());
+    }
+    if let Some(card) = &a.card {
+        let text = std::fs::read_to_string(card)
+            .with_context(|| format!("reading the model card {}", card.display()))?;
+        let heading = format!("## Scores on `{}`", a.data.display());
+        let section = format!(
+            "{heading}\n\n`guardian eval --data {}` — model `{}`, policy `{}`\n\n```\n{}```\n",
+            a.data.display(),
+            screener.model.id,
+            screener.policy.version,
+            report.render()
+        );
+        let updated = guardian::util::replace_section(&text, &heading, &section);
+        std::fs::write(card, updated)
+            .with_context(|| format!("writing the model card {}", card.display()))?;
+        eprintln!("recorded in {}", card.display());
     }
     Ok(0)
 }

@@ -46,8 +46,26 @@ pub struct Policy {
 impl Policy {
     /// `calibrated` is the heads' dev-split threshold, used where the config sets none.
     pub fn new(cfg: &PolicyConfig, calibrated: f32) -> Self {
+        Self::with_calibration(cfg, calibrated, &std::collections::BTreeMap::new())
+    }
+
+    /// As [`Policy::new`], plus the heads' per-category dev-split thresholds. Precedence for a
+    /// category: its `threshold` in the config, else the config's `unsafe_threshold`, else the
+    /// calibrated per-category threshold, else the calibrated global one.
+    pub fn with_calibration(
+        cfg: &PolicyConfig,
+        calibrated: f32,
+        calibrated_categories: &std::collections::BTreeMap<String, f32>,
+    ) -> Self {
         let unsafe_threshold = cfg.unsafe_threshold.unwrap_or(calibrated);
         let mut thresholds = [unsafe_threshold; Category::COUNT];
+        if cfg.unsafe_threshold.is_none() {
+            for (name, t) in calibrated_categories {
+                if let Some(c) = Category::parse(name) {
+                    thresholds[c.index()] = *t;
+                }
+            }
+        }
         let mut actions = [Action::Block; Category::COUNT];
         for (name, rule) in &cfg.categories {
             if let Some(c) = Category::parse(name) {

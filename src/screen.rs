@@ -59,7 +59,11 @@ impl Screener {
         cfg: &Config,
         observer: Option<BatchObserver>,
     ) -> Result<Self> {
-        let policy = Policy::new(&cfg.policy, model.heads.meta.unsafe_threshold);
+        let policy = Policy::with_calibration(
+            &cfg.policy,
+            model.heads.meta.unsafe_threshold,
+            &model.heads.meta.category_thresholds,
+        );
         let responses = match cfg.responses.path.as_str() {
             "" => Responses::embedded(),
             p => Responses::load(Some(std::path::Path::new(p)))?,

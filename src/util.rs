@@ -9,6 +9,24 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 
 /// The form of a query used for cache keys and deduplication: case-folded, whitespace
 /// collapsed, trimmed. Two queries that differ only in these ways get the same verdict.
+/// Replaces the markdown section that starts with the line `heading` (up to the next `## `
+/// heading) with `section`, or appends `section` when there is none.
+pub fn replace_section(doc: &str, heading: &str, section: &str) -> String {
+    let Some(start) = doc
+        .match_indices(heading)
+        .map(|(i, _)| i)
+        .find(|&i| i == 0 || doc[..i].ends_with('\n'))
+    else {
+        let sep = if doc.ends_with('\n') { "\n" } else { "\n\n" };
+        return format!("{doc}{sep}{section}");
+    };
+    let rest = &doc[start + heading.len()..];
+    let end = rest
+        .find("\n## ")
+        .map_or(doc.len(), |i| start + heading.len() + i);
+    format!("{}{section}{}", &doc[..start], &doc[end..])
+}
+
 pub fn normalise(query: &str) -> String {
     let mut out = String::with_capacity(query.len());
     for word in query.split_whitespace() {
@@ -66,6 +84,19 @@ pub fn detect_lang(text: &str) -> Lang {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn replace_section_appends_then_replaces_in_place() {
+        let doc = "# card\n\n## Dev\n\nd\n";
+        let once = super::replace_section(doc, "## Test", "## Test\n\nt1\n");
+        assert_eq!(once, "# card\n\n## Dev\n\nd\n\n## Test\n\nt1\n");
+        let twice = super::replace_section(&(once + "\n## After\n"), "## Test", "## Test\n\nt2\n");
+        assert_eq!(
+            twice,
+            "# card\n\n## Dev\n\nd\n\n## Test\n\nt2\n\n## After\n"
+        );
+    }
+
     use super::*;
 
     #[test]

@@ -397,10 +397,8 @@ fn fetch_into_an_empty_home_is_verified_idempotent_and_keeps_stdout_clean() {
     assert!(v.status.success());
 }
 
-#[test]
-fn train_writes_heads_that_screen_can_load_and_is_reproducible() {
-    let dir = tempfile::tempdir().unwrap();
-    // A small, balanced slice of the committed dev split: 150 safe and 150 unsafe examples.
+/// A small, balanced slice of the committed dev split: 150 safe and 150 unsafe examples.
+fn small_training_set(dir: &std::path::Path) -> std::path::PathBuf {
     let dev = std::fs::read_to_string("models/dev.jsonl").unwrap();
     let (mut safe, mut unsafe_) = (Vec::new(), Vec::new());
     for l in dev.lines() {
@@ -414,7 +412,7 @@ fn train_writes_heads_that_screen_can_load_and_is_reproducible() {
             bucket.push(l.to_string());
         }
     }
-    let data = dir.path().join("d.jsonl");
+    let data = dir.join("d.jsonl");
     std::fs::write(
         &data,
         safe.iter()
@@ -423,6 +421,13 @@ fn train_writes_heads_that_screen_can_load_and_is_reproducible() {
             .collect::<String>(),
     )
     .unwrap();
+    data
+}
+
+#[test]
+fn train_writes_heads_that_screen_can_load_and_is_reproducible() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = small_training_set(dir.path());
     let train = |out: &str| {
         let out = dir.path().join(out);
         let o = guardian(
@@ -436,6 +441,8 @@ fn train_writes_heads_that_screen_can_load_and_is_reproducible() {
                 "5",
                 "--seed",
                 "3",
+                "--tune-layers",
+                "0",
             ],
             None,
         );
@@ -474,4 +481,93 @@ fn train_writes_heads_that_screen_can_load_and_is_reproducible() {
         "{}",
         v[0]
     );
+}
+
+#[test]
+fn fine_tuned_layers_ship_in_the_heads_file_and_screening_reproduces_the_dev_score() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = small_training_set(dir.path());
+    let out = dir.path().join("tuned");
+    let o = guardian(
+        &[
+            "train",
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--epochs",
+            "5",
+            "--seed",
+            "3",
+            "--tune-layers",
+            "1",
+            "--tune-epochs",
+            "2",
+            "--tune-lr",
+            "1e-4",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let meta: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("heads.json")).unwrap()).unwrap();
+    assert_eq!(meta["tuned_layers"], serde_json::json!([11]), "{meta}");
+    let tensors =
+        candle_core::safetensors::load(out.join("heads.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    assert!(tensors.contains_key("enc.l11.fi.w") && tensors.contains_key("enc.l11.oln.b"));
+    assert!(
+        !tensors.keys().any(|k| k.starts_with("enc.l10.")),
+        "only the top layer is stored"
+    );
+
+    // The card's dev score was measured through the inference path with the tuned layer
+    // swapped in; `eval` on the written dev split must reproduce it.
+    let card = std::fs::read_to_string(out.join("MODEL_CARD.md")).unwrap();
+    let line = card
+        .lines()
+        .skip_while(|l| !l.starts_with("overall"))
+        .find(|l| l.trim_start().starts_with("weighted"))
+        .unwrap();
+    let card_f1: f64 = line.split_whitespace().nth(3).unwrap().parse().unwrap();
+    let o = guardian(
+        &[
+            "--heads",
+            out.to_str().unwrap(),
+            "eval",
+            "--data",
+            out.join("dev.jsonl").to_str().unwrap(),
+            "--json",
+            "--card",
+            out.join("MODEL_CARD.md").to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let f1 = r["overall"]["weighted"]["f1"].as_f64().unwrap();
+    assert!((f1 - card_f1).abs() < 0.002, "eval {f1} vs card {card_f1}");
+    let card = std::fs::read_to_string(out.join("MODEL_CARD.md")).unwrap();
+    assert_eq!(card.matches("## Scores on `").count(), 1, "{card}");
+
+    // The tuned model is a different function from the stock encoder with the same heads.
+    let screen = |heads: &std::path::Path| {
+        let o = guardian(
+            &["--heads", heads.to_str().unwrap(), "screen"],
+            Some("how do I kill a stuck python process\n".as_bytes()),
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        jsonl(&o.stdout)[0]["scores"]["unsafe"].as_f64().unwrap()
+    };
+    let stock = dir.path().join("stock");
+    std::fs::create_dir_all(&stock).unwrap();
+    let mut m = meta.clone();
+    m.as_object_mut().unwrap().remove("tuned_layers");
+    std::fs::write(stock.join("heads.json"), m.to_string()).unwrap();
+    std::fs::copy(
+        out.join("heads.safetensors"),
+        stock.join("heads.safetensors"),
+    )
+    .unwrap();
+    assert_ne!(screen(&out), screen(&stock));
 }

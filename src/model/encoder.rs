@@ -11,6 +11,7 @@ use candle_nn::LayerNorm;
 use serde::{Deserialize, Serialize};
 
 use super::e5s1::{Dims, E5s1};
+use super::tuned::LayerWeights;
 use crate::error::Result;
 
 /// How the encoder keeps its big matrices in memory.
@@ -105,6 +106,7 @@ pub struct Encoder {
     emb_norm: LayerNorm,
     layers: Vec<Layer>,
     dims: Dims,
+    eps: f64,
     device: Device,
     format: WeightFormat,
 }
@@ -142,6 +144,7 @@ impl Encoder {
             emb_norm,
             layers,
             dims: d,
+            eps: file.layer_norm_eps,
             device: device.clone(),
             format,
         })
@@ -149,6 +152,36 @@ impl Encoder {
 
     pub fn dims(&self) -> Dims {
         self.dims
+    }
+
+    /// Swaps in fine-tuned f32 weights for layer `l` (see [`super::tuned`]).
+    pub fn replace_layer(&mut self, l: usize, w: &LayerWeights) -> Result<()> {
+        let (h, ffn) = (self.dims.hidden, self.dims.ffn);
+        let dev = &self.device;
+        let lin = |p: &(Vec<f32>, Vec<f32>), rows: usize, cols: usize| -> Result<Linear> {
+            Ok(Linear {
+                weight: QMatMul::Tensor(Tensor::from_slice(&p.0, (rows, cols), dev)?),
+                bias: Tensor::from_slice(&p.1, rows, dev)?,
+            })
+        };
+        let norm = |p: &(Vec<f32>, Vec<f32>)| -> Result<LayerNorm> {
+            Ok(LayerNorm::new(
+                Tensor::from_slice(&p.0, h, dev)?,
+                Tensor::from_slice(&p.1, h, dev)?,
+                self.eps,
+            ))
+        };
+        self.layers[l] = Layer {
+            q: lin(&w.q, h, h)?,
+            k: lin(&w.k, h, h)?,
+            v: lin(&w.v, h, h)?,
+            attn_out: lin(&w.attn_out, h, h)?,
+            attn_norm: norm(&w.attn_norm)?,
+            ffn_in: lin(&w.ffn_in, ffn, h)?,
+            ffn_out: lin(&w.ffn_out, h, ffn)?,
+            out_norm: norm(&w.out_norm)?,
+        };
+        Ok(())
     }
 
     pub fn hidden_size(&self) -> usize {

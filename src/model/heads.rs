@@ -20,6 +20,14 @@ pub struct HeadsMeta {
     pub categories: Vec<String>,
     /// The unsafe-probability threshold calibrated on the dev split.
     pub unsafe_threshold: f32,
+    /// Per-category thresholds calibrated on dev (by the top category), where they beat the
+    /// global one; the default policy uses them unless the config sets thresholds.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub category_thresholds: std::collections::BTreeMap<String, f32>,
+    /// Encoder layers fine-tuned with the heads and stored in the same file (`enc.l{L}.*`);
+    /// empty when the encoder is the stock one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tuned_layers: Vec<usize>,
     /// sha256 (first 12 hex digits) of the safetensors file; part of the model id. Computed
     /// when the heads are loaded, not stored.
     #[serde(default, skip_serializing_if = "String::is_empty")]

@@ -10,6 +10,7 @@
 use rayon::prelude::*;
 
 use super::e5s1::{dequantize_q4_0, Dims, E5s1};
+use super::tuned::LayerWeights;
 use crate::error::Result;
 
 /// Rows per parallel task in the elementwise passes: big enough to amortise scheduling.
@@ -42,6 +43,16 @@ impl Linear {
             out: names.len() * rows,
             inp: cols,
         })
+    }
+
+    /// Several `[rows, in]` matrices stacked into one (Q, K and V side by side).
+    fn from_f32(parts: &[&(Vec<f32>, Vec<f32>)], inp: usize) -> Self {
+        Self {
+            w: parts.iter().flat_map(|p| p.0.iter().copied()).collect(),
+            b: parts.iter().flat_map(|p| p.1.iter().copied()).collect(),
+            out: parts.iter().map(|p| p.1.len()).sum(),
+            inp,
+        }
     }
 
     /// `y = x W^T + b` for `x` of `m` rows.
@@ -99,6 +110,13 @@ impl Norm {
             w: file.f32(&format!("{name}.w"), &[h], &dev)?.to_vec1()?,
             b: file.f32(&format!("{name}.b"), &[h], &dev)?.to_vec1()?,
         })
+    }
+
+    fn from_f32(p: &(Vec<f32>, Vec<f32>)) -> Self {
+        Self {
+            w: p.0.clone(),
+            b: p.1.clone(),
+        }
     }
 
     /// `x = LayerNorm(x + residual)`, row by row.
@@ -215,8 +233,42 @@ impl PackedEncoder {
         self.dims
     }
 
+    /// Swaps in fine-tuned weights for layer `l` (see [`super::tuned`]).
+    pub fn replace_layer(&mut self, l: usize, w: &LayerWeights) {
+        let h = self.dims.hidden;
+        self.layers[l] = Layer {
+            qkv: Linear::from_f32(&[&w.q, &w.k, &w.v], h),
+            attn_out: Linear::from_f32(&[&w.attn_out], h),
+            attn_norm: Norm::from_f32(&w.attn_norm),
+            ffn_in: Linear::from_f32(&[&w.ffn_in], h),
+            ffn_out: Linear::from_f32(&[&w.ffn_out], self.dims.ffn),
+            out_norm: Norm::from_f32(&w.out_norm),
+        };
+    }
+
     /// The last hidden state of each sequence, packed: `[sum of lengths, hidden]`.
     pub fn last_hidden(&self, seqs: &[&[u32]]) -> Vec<f32> {
+        let mut x = self.embed_tokens(seqs);
+        self.run_layers(&mut x, seqs, 0..self.layers.len());
+        x
+    }
+
+    /// The hidden state after the first `n` layers, packed: `[sum of lengths, hidden]`. The
+    /// trainer caches it and tunes the layers above.
+    pub fn hidden_after(&self, seqs: &[&[u32]], n: usize) -> Vec<f32> {
+        let mut x = self.embed_tokens(seqs);
+        self.run_layers(&mut x, seqs, 0..n.min(self.layers.len()));
+        x
+    }
+
+    /// Continues a packed hidden state through layers `from..` and pools it.
+    pub fn embed_from(&self, mut x: Vec<f32>, seqs: &[&[u32]], from: usize) -> Vec<Vec<f32>> {
+        self.run_layers(&mut x, seqs, from..self.layers.len());
+        self.pool(&x, seqs)
+    }
+
+    /// Word + position + type embeddings after their LayerNorm, packed.
+    fn embed_tokens(&self, seqs: &[&[u32]]) -> Vec<f32> {
         let d = self.dims;
         let h = d.hidden;
         let bytes_per_row = h / 32 * 18;
@@ -242,6 +294,14 @@ impl PackedEncoder {
             }
         });
 
+        x
+    }
+
+    /// Runs `layers` over the packed hidden state `x` in place.
+    fn run_layers(&self, x: &mut Vec<f32>, seqs: &[&[u32]], layers: std::ops::Range<usize>) {
+        let d = self.dims;
+        let h = d.hidden;
+        let total: usize = seqs.iter().map(|s| s.len()).sum();
         let offsets: Vec<usize> = seqs
             .iter()
             .scan(0, |acc, s| {
@@ -252,19 +312,18 @@ impl PackedEncoder {
             .collect();
         let (mut qkv, mut ctx, mut tmp, mut ffn) =
             (Vec::new(), vec![0f32; total * h], Vec::new(), Vec::new());
-        for layer in &self.layers {
-            layer.qkv.forward(&x, total, &mut qkv);
+        for layer in &self.layers[layers] {
+            layer.qkv.forward(x, total, &mut qkv);
             self.attention(&qkv, seqs, &offsets, &mut ctx);
             layer.attn_out.forward(&ctx, total, &mut tmp);
-            layer.attn_norm.add_norm(&mut tmp, &x, h, self.eps);
-            std::mem::swap(&mut x, &mut tmp);
-            layer.ffn_in.forward(&x, total, &mut ffn);
+            layer.attn_norm.add_norm(&mut tmp, x, h, self.eps);
+            std::mem::swap(x, &mut tmp);
+            layer.ffn_in.forward(x, total, &mut ffn);
             gelu_in_place(&mut ffn, d.ffn);
             layer.ffn_out.forward(&ffn, total, &mut tmp);
-            layer.out_norm.add_norm(&mut tmp, &x, h, self.eps);
-            std::mem::swap(&mut x, &mut tmp);
+            layer.out_norm.add_norm(&mut tmp, x, h, self.eps);
+            std::mem::swap(x, &mut tmp);
         }
-        x
     }
 
     /// Multi-head self-attention of each sequence over itself (no mask needed: no padding).
@@ -314,8 +373,12 @@ impl PackedEncoder {
 
     /// Mean-pooled, L2-normalised embeddings, one `hidden`-vector per sequence.
     pub fn embed(&self, seqs: &[&[u32]]) -> Vec<Vec<f32>> {
+        self.pool(&self.last_hidden(seqs), seqs)
+    }
+
+    /// Mean pooling of a packed hidden state per sequence, then L2 normalisation.
+    fn pool(&self, x: &[f32], seqs: &[&[u32]]) -> Vec<Vec<f32>> {
         let h = self.dims.hidden;
-        let x = self.last_hidden(seqs);
         let mut out = Vec::with_capacity(seqs.len());
         let mut row = 0;
         for s in seqs {

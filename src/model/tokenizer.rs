@@ -1,5 +1,6 @@
-//! The XLM-R SentencePiece tokenizer of multilingual-e5-small, with E5's `query: ` prefix and a
-//! token limit. Padding is done per batch by the engine (pad id from the model header).
+//! The backbone's tokenizer with its role prefix and a token limit: multilingual-e5-small's XLM-R
+//! SentencePiece with E5's `query: `, or EmbeddingGemma's Gemma tokenizer with the snapshot's
+//! classification prompt. Padding is done per batch by the engine (pad id from the model).
 
 use std::path::Path;
 
@@ -11,6 +12,7 @@ pub const QUERY_PREFIX: &str = "query: ";
 pub struct QueryTokenizer {
     inner: tokenizers::Tokenizer,
     max_tokens: usize,
+    prefix: String,
 }
 
 /// One query's token ids, special tokens included.
@@ -22,7 +24,13 @@ pub struct Tokens {
 }
 
 impl QueryTokenizer {
+    /// multilingual-e5-small's tokenizer: queries take [`QUERY_PREFIX`].
     pub fn load(path: &Path, max_tokens: usize) -> Result<Self> {
+        Self::with_prefix(path, max_tokens, QUERY_PREFIX)
+    }
+
+    /// A tokenizer whose queries are prefixed with `prefix` (a role or task prompt).
+    pub fn with_prefix(path: &Path, max_tokens: usize, prefix: &str) -> Result<Self> {
         if max_tokens < 8 {
             return Err(Error::Config(format!(
                 "max_tokens = {max_tokens} is too small; use 8 or more (default 128)"
@@ -30,7 +38,16 @@ impl QueryTokenizer {
         }
         let inner = tokenizers::Tokenizer::from_file(path)
             .map_err(|e| Error::Tokenizer(format!("cannot load {}: {e}", path.display())))?;
-        Ok(Self { inner, max_tokens })
+        Ok(Self {
+            inner,
+            max_tokens,
+            prefix: prefix.to_string(),
+        })
+    }
+
+    /// What each query is prefixed with before tokenizing.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
     }
 
     pub fn max_tokens(&self) -> usize {
@@ -38,7 +55,7 @@ impl QueryTokenizer {
     }
 
     pub fn encode(&self, query: &str) -> Result<Tokens> {
-        let text = format!("{QUERY_PREFIX}{query}");
+        let text = format!("{}{query}", self.prefix);
         let enc = self
             .inner
             .encode(text, true)
@@ -46,7 +63,7 @@ impl QueryTokenizer {
         let mut ids = enc.get_ids().to_vec();
         let truncated = ids.len() > self.max_tokens;
         if truncated {
-            // Keep the closing special token (`</s>`), as the model saw in training.
+            // Keep the closing special token (`</s>`, `<eos>`), as the model saw in training.
             let last = *ids.last().expect("non-empty");
             ids.truncate(self.max_tokens - 1);
             ids.push(last);

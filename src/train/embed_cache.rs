@@ -63,6 +63,29 @@ impl EmbeddingCache {
         self.map.is_empty()
     }
 
+    pub fn get(&self, text: &str) -> Option<&Vec<f32>> {
+        self.map.get(&self.key(text))
+    }
+
+    /// Stores embeddings computed elsewhere (the fine-tuning pass) and appends them to the file.
+    pub fn insert_many(&mut self, items: Vec<(&str, Vec<f32>)>) -> Result<()> {
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .map_err(|e| Error::io(&self.path, e))?;
+        let mut buf = Vec::with_capacity(items.len() * (32 + self.hidden * 4));
+        for (text, v) in items {
+            let k = self.key(text);
+            buf.extend_from_slice(&k);
+            for x in &v {
+                buf.extend_from_slice(&x.to_le_bytes());
+            }
+            self.map.insert(k, v);
+        }
+        file.write_all(&buf).map_err(|e| Error::io(&self.path, e))
+    }
+
     /// Embeddings for `texts` in order, computing (and appending to the file) the missing ones.
     pub fn embed_all(
         &mut self,

