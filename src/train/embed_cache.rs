@@ -11,6 +11,16 @@ use sha2::{Digest, Sha256};
 use crate::error::{Error, Result};
 use crate::model::Embedder;
 
+/// The record key of `text` in a cache file: sha256 of the cache's salt (encoder, limits) and
+/// the text, so a file can never serve vectors of another encoder.
+pub fn cache_key(salt: &str, text: &str) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(salt.as_bytes());
+    h.update([0]);
+    h.update(text.as_bytes());
+    h.finalize().into()
+}
+
 pub struct EmbeddingCache {
     path: PathBuf,
     hidden: usize,
@@ -48,11 +58,7 @@ impl EmbeddingCache {
     }
 
     fn key(&self, text: &str) -> [u8; 32] {
-        let mut h = Sha256::new();
-        h.update(self.salt.as_bytes());
-        h.update([0]);
-        h.update(text.as_bytes());
-        h.finalize().into()
+        cache_key(&self.salt, text)
     }
 
     pub fn len(&self) -> usize {

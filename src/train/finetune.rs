@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor, Var, D};
 use candle_nn::{Optimizer, VarMap};
 use rand::{Rng, SeedableRng};
-use sha2::{Digest, Sha256};
 
 use super::trainer::{self, LossWeights, Target, TrainOptions};
 use crate::error::{Error, Result};
@@ -133,11 +132,7 @@ impl StateCache {
     }
 
     fn key(&self, text: &str) -> [u8; 32] {
-        let mut h = Sha256::new();
-        h.update(self.salt.as_bytes());
-        h.update([0]);
-        h.update(text.as_bytes());
-        h.finalize().into()
+        super::embed_cache::cache_key(&self.salt, text)
     }
 
     pub fn get(&self, text: &str) -> Option<&[f32]> {
