@@ -216,6 +216,7 @@ pub fn run(job: &TrainJob) -> Result<TrainOutcome> {
     );
 
     let mut tune_epoch = 0;
+    let mut stored_layers: Vec<(usize, crate::model::tuned::LayerWeights)> = Vec::new();
     let mut dev_x = dev_x;
     if let Some(states) = &states {
         // Positions in `used` (the order of the token states) of each split's items.
@@ -262,8 +263,14 @@ pub fn run(job: &TrainJob) -> Result<TrainOutcome> {
         if !tuned.layers.is_empty() {
             trained.heads.meta.tuned_layers = tuned.layers.iter().map(|l| l.0).collect();
             // Dev embeddings again, through the inference path with the tuned layers swapped
-            // in: the report then measures exactly what `screen` will run.
-            embedder.apply_tuned(&tuned.layers)?;
+            // in as they will be stored (int8): the report measures what `screen` will run.
+            let dims = embedder.dims();
+            stored_layers = tuned
+                .layers
+                .iter()
+                .map(|(l, w)| (*l, w.as_stored(&dims)))
+                .collect();
+            embedder.apply_tuned(&stored_layers)?;
             let dev_texts: Vec<&str> = dev.iter().map(|e| e.text.as_str()).collect();
             dev_x = Vec::with_capacity(dev_texts.len());
             for chunk in dev_texts.chunks(64) {
@@ -272,6 +279,20 @@ pub fn run(job: &TrainJob) -> Result<TrainOutcome> {
         }
     }
 
+    // The heads are stored as f16: score dev with the weights as they will be loaded.
+    let heads_tensors = {
+        let data = trained.varmap.data().lock().expect("varmap lock");
+        let mut stored = std::collections::HashMap::new();
+        for (k, v) in data.iter() {
+            if k.starts_with(crate::model::tuned::PREFIX) {
+                continue;
+            }
+            let half = v.as_tensor().to_dtype(candle_core::DType::F16)?;
+            v.set(&half.to_dtype(candle_core::DType::F32)?)?;
+            stored.insert(k.clone(), half);
+        }
+        stored
+    };
     let x_dev = Tensor::from_vec(
         dev_x.iter().flatten().copied().collect::<Vec<f32>>(),
         (dev_x.len(), trained.heads.meta.hidden),
@@ -290,7 +311,11 @@ pub fn run(job: &TrainJob) -> Result<TrainOutcome> {
 
     std::fs::create_dir_all(&job.out).map_err(|e| Error::io(&job.out, e))?;
     let st = job.out.join("heads.safetensors");
-    trained.varmap.save(&st)?;
+    let mut tensors = heads_tensors;
+    for (l, w) in &stored_layers {
+        tensors.extend(w.to_tensors(*l, &embedder.dims())?);
+    }
+    candle_core::safetensors::save(&tensors, &st)?;
     let mut meta = trained.heads.meta.clone();
     meta.unsafe_threshold = threshold;
     meta.category_thresholds = Category::ALL
