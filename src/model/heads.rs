@@ -88,14 +88,6 @@ impl Heads {
         Self::build(vb, meta)
     }
 
-    pub fn load(dir: &std::path::Path, device: &Device) -> Result<Self> {
-        let read = |name: &str| {
-            let p = dir.join(name);
-            std::fs::read(&p).map_err(|e| Error::io(p, e))
-        };
-        Self::from_bytes(&read("heads.safetensors")?, &read("heads.json")?, device)
-    }
-
     /// Logits for training: `(unsafe [b], category [b, C])`. `dropout_mask` (already scaled by
     /// 1/(1-p)) is applied to the trunk's output during training.
     pub fn logits(

@@ -242,17 +242,24 @@ impl Model {
     pub fn load(spec: &ModelSpec) -> Result<Self> {
         let device = device::select(&spec.device)?;
         let mut embedder = Embedder::load(spec, &device)?;
-        let (heads, bytes) = match &spec.heads {
+        // One read of the heads file: the heads and the tuned encoder layers both come from it.
+        let (bytes, meta) = match &spec.heads {
             Some(dir) => {
-                let p = dir.join("heads.safetensors");
-                let bytes = std::fs::read(&p).map_err(|e| Error::io(p, e))?;
-                (Heads::load(dir, &device)?, std::borrow::Cow::Owned(bytes))
+                let read = |name: &str| {
+                    let p = dir.join(name);
+                    std::fs::read(&p).map_err(|e| Error::io(p, e))
+                };
+                (
+                    std::borrow::Cow::Owned(read("heads.safetensors")?),
+                    std::borrow::Cow::Owned(read("heads.json")?),
+                )
             }
             None => (
-                Heads::from_bytes(EMBEDDED_HEADS, EMBEDDED_META, &device)?,
                 std::borrow::Cow::Borrowed(EMBEDDED_HEADS),
+                std::borrow::Cow::Borrowed(EMBEDDED_META),
             ),
         };
+        let heads = Heads::from_bytes(&bytes, &meta, &device)?;
         check_heads_backbone(&heads.meta.encoder, &embedder, spec.heads.as_deref())?;
         let tuned = tuned::load_layers(&bytes, &heads.meta.tuned_layers, &embedder.dims)?;
         embedder.apply_tuned(&tuned)?;

@@ -111,27 +111,13 @@ impl EmbeddingCache {
         progress.set_length(missing.len() as u64);
         // Similar lengths together: far less padding.
         missing.sort_by_key(|(_, ids)| ids.len());
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)
-            .map_err(|e| Error::io(&self.path, e))?;
         for chunk in missing.chunks(batch.max(1)) {
             let refs: Vec<&[u32]> = chunk.iter().map(|(_, ids)| ids.as_slice()).collect();
             let emb = embedder
                 .embed(&refs)?
                 .to_device(&candle_core::Device::Cpu)?
                 .to_vec2::<f32>()?;
-            let mut buf = Vec::with_capacity(chunk.len() * (32 + self.hidden * 4));
-            for ((i, _), v) in chunk.iter().zip(emb) {
-                let k = self.key(texts[*i]);
-                buf.extend_from_slice(&k);
-                for x in &v {
-                    buf.extend_from_slice(&x.to_le_bytes());
-                }
-                self.map.insert(k, v);
-            }
-            file.write_all(&buf).map_err(|e| Error::io(&self.path, e))?;
+            self.insert_many(chunk.iter().map(|(i, _)| texts[*i]).zip(emb).collect())?;
             progress.inc(chunk.len() as u64);
         }
         Ok(texts

@@ -139,6 +139,12 @@ impl StateCache {
         self.map.get(&self.key(text)).map(|v| v.as_slice())
     }
 
+    /// Moves a text's states out of the cache (they are then held once, by the caller).
+    pub fn take(&mut self, text: &str) -> Option<Vec<f32>> {
+        let key = self.key(text);
+        self.map.remove(&key)
+    }
+
     /// Stores new records in memory and appends them to the file.
     pub fn insert_many(&mut self, items: Vec<(&str, Vec<f32>)>) -> Result<()> {
         let mut f = std::fs::OpenOptions::new()
@@ -253,19 +259,9 @@ fn add_layers(varmap: &VarMap, file: &E5s1, from: usize) -> Result<Vec<VarLayer>
     let mut out = Vec::new();
     for l in from..d.layers {
         let w = LayerWeights::from_e5s1(file, l)?;
-        let parts = [
-            &w.q,
-            &w.k,
-            &w.v,
-            &w.attn_out,
-            &w.attn_norm,
-            &w.ffn_in,
-            &w.ffn_out,
-            &w.out_norm,
-        ];
         let mut vars = Vec::new();
         let mut data = varmap.data().lock().expect("varmap lock");
-        for ((name, rows, cols), p) in layer_shapes(&d).into_iter().zip(parts) {
+        for ((name, rows, cols), p) in layer_shapes(&d).into_iter().zip(w.parts()) {
             let wt = if cols == 0 {
                 Tensor::from_slice(&p.0, rows, &Device::Cpu)?
             } else {

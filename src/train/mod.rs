@@ -422,11 +422,20 @@ fn states_and_embeddings(
         data: Vec::new(),
     };
     let mut x = Vec::with_capacity(texts.len());
+    let mut placed = std::collections::HashMap::new();
     for t in texts {
-        let s = states.get(t).expect("computed above");
-        st.offsets.push(st.data.len() / h);
-        st.lens.push(s.len() / h);
-        st.data.extend_from_slice(s);
+        // A repeated text points at the rows of its first copy.
+        let (offset, len) = match states.take(t) {
+            Some(s) => {
+                let at = (st.data.len() / h, s.len() / h);
+                st.data.extend_from_slice(&s);
+                placed.insert(*t, at);
+                at
+            }
+            None => placed[t],
+        };
+        st.offsets.push(offset);
+        st.lens.push(len);
         x.push(pooled.get(t).expect("computed above").clone());
     }
     Ok((x, st))
