@@ -230,7 +230,7 @@ struct TrainArgs {
     train_subsample: f64,
     /// After the heads, fine-tune this many top encoder layers with them (0: frozen encoder).
     /// The layers below are run once and their output cached, so an epoch runs only these.
-    #[arg(long, env = "GUARDIAN_TRAIN_TUNE_LAYERS", default_value_t = 4)]
+    #[arg(long, env = "GUARDIAN_TRAIN_TUNE_LAYERS", default_value_t = 6)]
     tune_layers: usize,
     /// Fine-tuning epochs (the best on dev is kept; epoch 0 is the frozen model).
     #[arg(long, env = "GUARDIAN_TRAIN_TUNE_EPOCHS", default_value_t = 3)]

@@ -515,7 +515,10 @@ fn fine_tuned_layers_ship_in_the_heads_file_and_screening_reproduces_the_dev_sco
     let tensors =
         candle_core::safetensors::load(out.join("heads.safetensors"), &candle_core::Device::Cpu)
             .unwrap();
-    assert!(tensors.contains_key("enc.l11.fi.w") && tensors.contains_key("enc.l11.oln.b"));
+    // Matrices are stored as int4 changes from the pretrained layer, norms and biases whole.
+    assert!(tensors.contains_key("enc.l11.fi.d4") && tensors.contains_key("enc.l11.fi.d4s"));
+    assert!(tensors.contains_key("enc.l11.oln.w") && tensors.contains_key("enc.l11.oln.b"));
+    assert!(!tensors.contains_key("enc.l11.fi.w"));
     assert!(
         !tensors.keys().any(|k| k.starts_with("enc.l10.")),
         "only the top layer is stored"

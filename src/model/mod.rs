@@ -261,7 +261,17 @@ impl Model {
         };
         let heads = Heads::from_bytes(&bytes, &meta, &device)?;
         check_heads_backbone(&heads.meta.encoder, &embedder, spec.heads.as_deref())?;
-        let tuned = tuned::load_layers(&bytes, &heads.meta.tuned_layers, &embedder.dims)?;
+        // Tuned layers are stored as changes from the pretrained ones: read those (once, and
+        // only when some layer needs them) from the encoder's weights file.
+        let pretrained = std::cell::OnceCell::new();
+        let base = |l: usize| -> Result<tuned::LayerWeights> {
+            if pretrained.get().is_none() {
+                let path = fetch::models_dir(&spec.home).join(fetch::E5_WEIGHTS);
+                let _ = pretrained.set(e5s1::E5s1::open(&path)?);
+            }
+            tuned::LayerWeights::from_e5s1(pretrained.get().expect("set above"), l)
+        };
+        let tuned = tuned::load_layers(&bytes, &heads.meta.tuned_layers, &embedder.dims, &base)?;
         embedder.apply_tuned(&tuned)?;
         if heads.meta.hidden != embedder.hidden_size() {
             return Err(Error::Heads(format!(

@@ -35,7 +35,7 @@ pub struct TuneOptions {
 impl Default for TuneOptions {
     fn default() -> Self {
         Self {
-            layers: 4,
+            layers: 6,
             epochs: 3,
             batch_size: 32,
             encoder_lr: 1e-4,
@@ -287,7 +287,11 @@ fn extract(varmap: &VarMap, dims: &Dims, from: usize) -> Result<Vec<(usize, Laye
         .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
         .collect();
     (from..dims.layers)
-        .map(|l| Ok((l, LayerWeights::from_tensors(&tensors, l, dims)?)))
+        .map(|l| {
+            // The variables hold whole f32 weights, so no pretrained base is needed.
+            let no_base = |_| Err(Error::Heads("tuned variables are stored whole".into()));
+            Ok((l, LayerWeights::from_tensors(&tensors, l, dims, &no_base)?))
+        })
         .collect()
 }
 

@@ -15,6 +15,7 @@ use rand::{Rng, SeedableRng};
 use crate::error::{Error, Result};
 use crate::metrics::{FullReport, Scored};
 use crate::model::heads::HeadsMeta;
+use crate::model::tuned::LayerWeights;
 use crate::model::{e5s1, fetch, Backend, Embedder, ModelSpec};
 use crate::policy::Label;
 use crate::taxonomy::Category;
@@ -216,7 +217,7 @@ pub fn run(job: &TrainJob) -> Result<TrainOutcome> {
     );
 
     let mut tune_epoch = 0;
-    let mut stored_layers: Vec<(usize, crate::model::tuned::LayerWeights)> = Vec::new();
+    let mut layer_tensors: Vec<(String, Tensor)> = Vec::new();
     let mut dev_x = dev_x;
     if let Some(states) = &states {
         // Positions in `used` (the order of the token states) of each split's items.
@@ -263,13 +264,20 @@ pub fn run(job: &TrainJob) -> Result<TrainOutcome> {
         if !tuned.layers.is_empty() {
             trained.heads.meta.tuned_layers = tuned.layers.iter().map(|l| l.0).collect();
             // Dev embeddings again, through the inference path with the tuned layers swapped
-            // in as they will be stored (int8): the report measures what `screen` will run.
+            // in as they will be stored (int4 changes from the pretrained layers, decoded as
+            // `screen` decodes them): the report measures what `screen` will run.
             let dims = embedder.dims();
-            stored_layers = tuned
+            let base = |l: usize| LayerWeights::from_e5s1(&file, l);
+            for (l, w) in &tuned.layers {
+                layer_tensors.extend(w.encode(&base(*l)?, *l, &dims)?);
+            }
+            let stored: std::collections::HashMap<String, Tensor> =
+                layer_tensors.iter().cloned().collect();
+            let stored_layers = tuned
                 .layers
                 .iter()
-                .map(|(l, w)| (*l, w.as_stored(&dims)))
-                .collect();
+                .map(|(l, _)| Ok((*l, LayerWeights::from_tensors(&stored, *l, &dims, &base)?)))
+                .collect::<Result<Vec<_>>>()?;
             embedder.apply_tuned(&stored_layers)?;
             let dev_texts: Vec<&str> = dev.iter().map(|e| e.text.as_str()).collect();
             dev_x = Vec::with_capacity(dev_texts.len());
@@ -312,9 +320,7 @@ pub fn run(job: &TrainJob) -> Result<TrainOutcome> {
     std::fs::create_dir_all(&job.out).map_err(|e| Error::io(&job.out, e))?;
     let st = job.out.join("heads.safetensors");
     let mut tensors = heads_tensors;
-    for (l, w) in &stored_layers {
-        tensors.extend(w.to_tensors(*l, &embedder.dims())?);
-    }
+    tensors.extend(layer_tensors);
     candle_core::safetensors::save(&tensors, &st)?;
     let mut meta = trained.heads.meta.clone();
     meta.unsafe_threshold = threshold;
