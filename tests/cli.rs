@@ -424,28 +424,30 @@ fn small_training_set(dir: &std::path::Path) -> std::path::PathBuf {
     data
 }
 
+/// `guardian train` on `data` into `out`: 5 head epochs, seed 3, plus `extra` flags.
+fn train_small(data: &std::path::Path, out: &std::path::Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "train",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--epochs",
+        "5",
+        "--seed",
+        "3",
+    ];
+    args.extend_from_slice(extra);
+    guardian(&args, None)
+}
+
 #[test]
 fn train_writes_heads_that_screen_can_load_and_is_reproducible() {
     let dir = tempfile::tempdir().unwrap();
     let data = small_training_set(dir.path());
     let train = |out: &str| {
         let out = dir.path().join(out);
-        let o = guardian(
-            &[
-                "train",
-                "--data",
-                data.to_str().unwrap(),
-                "--out",
-                out.to_str().unwrap(),
-                "--epochs",
-                "5",
-                "--seed",
-                "3",
-                "--tune-layers",
-                "0",
-            ],
-            None,
-        );
+        let o = train_small(&data, &out, &["--tune-layers", "0"]);
         assert!(o.status.success(), "{}", stderr(&o));
         out
     };
@@ -488,17 +490,10 @@ fn fine_tuned_layers_ship_in_the_heads_file_and_screening_reproduces_the_dev_sco
     let dir = tempfile::tempdir().unwrap();
     let data = small_training_set(dir.path());
     let out = dir.path().join("tuned");
-    let o = guardian(
+    let o = train_small(
+        &data,
+        &out,
         &[
-            "train",
-            "--data",
-            data.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--epochs",
-            "5",
-            "--seed",
-            "3",
             "--tune-layers",
             "1",
             "--tune-epochs",
@@ -506,7 +501,6 @@ fn fine_tuned_layers_ship_in_the_heads_file_and_screening_reproduces_the_dev_sco
             "--tune-lr",
             "1e-4",
         ],
-        None,
     );
     assert!(o.status.success(), "{}", stderr(&o));
     let meta: Value =

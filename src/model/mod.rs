@@ -75,11 +75,21 @@ fn require(home: &Path, rel: &str, backbone: Backbone) -> Result<PathBuf> {
     }
 }
 
+/// Reads fine-tuned layers given the open pretrained e5-small weights file.
+pub type TunedSource<'a> = dyn Fn(&e5s1::E5s1) -> Result<Vec<(usize, tuned::LayerWeights)>> + 'a;
+
 impl Embedder {
     /// Loads the tokenizer and encoder of `spec.backbone`.
     pub fn load(spec: &ModelSpec, device: &Device) -> Result<Self> {
+        Self::load_tuned(spec, device, &|_| Ok(Vec::new()))
+    }
+
+    /// As [`Embedder::load`], then swaps in the fine-tuned layers `tuned` reads (e5-small
+    /// only). `tuned` gets the pretrained weights file while it is open, because tuned layers
+    /// are stored as changes from it: one read of the file serves both.
+    pub fn load_tuned(spec: &ModelSpec, device: &Device, tuned: &TunedSource<'_>) -> Result<Self> {
         match spec.backbone {
-            Backbone::E5Small => Self::load_e5(spec, device),
+            Backbone::E5Small => Self::load_e5(spec, device, tuned),
             Backbone::EmbeddingGemma300m => Self::load_gemma(spec, device),
         }
     }
@@ -121,7 +131,7 @@ impl Embedder {
         })
     }
 
-    fn load_e5(spec: &ModelSpec, device: &Device) -> Result<Self> {
+    fn load_e5(spec: &ModelSpec, device: &Device, tuned: &TunedSource<'_>) -> Result<Self> {
         let backbone = Backbone::E5Small;
         let weights = require(&spec.home, fetch::E5_WEIGHTS, backbone)?;
         let tok = require(&spec.home, fetch::E5_TOKENIZER, backbone)?;
@@ -139,14 +149,16 @@ impl Embedder {
         let t = std::time::Instant::now();
         let tokenizer = QueryTokenizer::load(&tok, spec.max_tokens)?;
         tracing::debug!(ms = t.elapsed().as_millis() as u64, "loaded tokenizer");
-        Ok(Self {
+        let mut embedder = Self {
             tokenizer,
             backend,
             encoder_id: format!("{}/{}", backbone.family(), spec.weights),
             backbone,
             dims: file.dims,
             device: device.clone(),
-        })
+        };
+        embedder.apply_tuned(&tuned(&file)?)?;
+        Ok(embedder)
     }
 
     pub fn hidden_size(&self) -> usize {
@@ -241,7 +253,6 @@ pub struct Model {
 impl Model {
     pub fn load(spec: &ModelSpec) -> Result<Self> {
         let device = device::select(&spec.device)?;
-        let mut embedder = Embedder::load(spec, &device)?;
         // One read of the heads file: the heads and the tuned encoder layers both come from it.
         let (bytes, meta) = match &spec.heads {
             Some(dir) => {
@@ -260,19 +271,12 @@ impl Model {
             ),
         };
         let heads = Heads::from_bytes(&bytes, &meta, &device)?;
-        check_heads_backbone(&heads.meta.encoder, &embedder, spec.heads.as_deref())?;
-        // Tuned layers are stored as changes from the pretrained ones: read those (once, and
-        // only when some layer needs them) from the encoder's weights file.
-        let pretrained = std::cell::OnceCell::new();
-        let base = |l: usize| -> Result<tuned::LayerWeights> {
-            if pretrained.get().is_none() {
-                let path = fetch::models_dir(&spec.home).join(fetch::E5_WEIGHTS);
-                let _ = pretrained.set(e5s1::E5s1::open(&path)?);
-            }
-            tuned::LayerWeights::from_e5s1(pretrained.get().expect("set above"), l)
+        let tuned = |file: &e5s1::E5s1| {
+            let base = |l: usize| tuned::LayerWeights::from_e5s1(file, l);
+            tuned::load_layers(&bytes, &heads.meta.tuned_layers, &file.dims, &base)
         };
-        let tuned = tuned::load_layers(&bytes, &heads.meta.tuned_layers, &embedder.dims, &base)?;
-        embedder.apply_tuned(&tuned)?;
+        let embedder = Embedder::load_tuned(spec, &device, &tuned)?;
+        check_heads_backbone(&heads.meta.encoder, &embedder, spec.heads.as_deref())?;
         if heads.meta.hidden != embedder.hidden_size() {
             return Err(Error::Heads(format!(
                 "heads expect {}-dim embeddings, the encoder gives {}",
