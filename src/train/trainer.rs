@@ -154,7 +154,7 @@ pub fn calibrate_categories(
 
 pub fn unsafe_probs(heads: &Heads, x: &Tensor) -> Result<Vec<f32>> {
     Ok(heads
-        .scores(x)?
+        .scores(x, None)?
         .into_iter()
         .map(|s| s.unsafe_prob)
         .collect())
