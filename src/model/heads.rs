@@ -88,7 +88,8 @@ impl Heads {
                 ] {
                     let t = vb.get(len, name).map_err(|e| {
                         Error::Heads(format!(
-                            "heads.json describes a lexical model but {name} cannot be read                              ({e}); retrain the heads"
+                            "heads.json describes a lexical model but {name} cannot be read \
+                             ({e}); retrain the heads"
                         ))
                     })?;
                     tensors.insert(name.to_string(), t.to_device(&Device::Cpu)?);

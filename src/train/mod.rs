@@ -312,6 +312,11 @@ pub fn run(job: &TrainJob) -> Result<TrainOutcome> {
         &Device::Cpu,
     )?;
     let gold: Vec<Label> = dev_y.iter().map(|t| t.label).collect();
+    let dev_ids = dev
+        .iter()
+        .map(|e| embedder.tokenizer.encode(&e.text).map(|t| t.ids))
+        .collect::<Result<Vec<_>>>()?;
+    let dev_refs: Vec<&[u32]> = dev_ids.iter().map(|v| v.as_slice()).collect();
     let mut lex_tensors = Vec::new();
     if job.lexical {
         let train_items: Vec<&Example> = used
@@ -319,27 +324,21 @@ pub fn run(job: &TrainJob) -> Result<TrainOutcome> {
             .filter(|&&i| splits[i] == Split::Train)
             .map(|&i| &examples[i])
             .collect();
-        let (lexical, blend) = fit_lexical(
+        let lex = fit_lexical(
             &embedder,
             &trained.heads,
             &x_dev,
             &train_items,
-            &dev,
+            &dev_refs,
             &gold,
             job.options.seed,
         )?;
-        if let Some(mut lex) = lexical.filter(|_| blend > 0.0) {
-            lex.meta.blend = blend;
+        if let Some(lex) = lex {
             lex_tensors = lex.to_tensors()?;
             trained.heads.meta.lexical = Some(lex.meta);
             trained.heads.lexical = Some(lex);
         }
     }
-    let dev_ids = dev
-        .iter()
-        .map(|e| embedder.tokenizer.encode(&e.text).map(|t| t.ids))
-        .collect::<Result<Vec<_>>>()?;
-    let dev_refs: Vec<&[u32]> = dev_ids.iter().map(|v| v.as_slice()).collect();
     let dev_offsets = trained.heads.lexical_offsets(&dev_refs);
     let dev_scores = trained.heads.scores(&x_dev, dev_offsets.as_deref())?;
     let probs: Vec<f32> = dev_scores.iter().map(|s| s.unsafe_prob).collect();
@@ -413,31 +412,28 @@ pub fn run(job: &TrainJob) -> Result<TrainOutcome> {
 
 /// Fits the lexical model on the train items and picks its blend weight: the one whose
 /// calibrated dev F1 is best, from 0 (no lexical model) to 2 in steps of 0.1. Returns the
-/// model as it will be stored (f16) and the weight.
+/// model as it will be stored (f16) with that weight, or `None` where 0 wins.
 fn fit_lexical(
     embedder: &Embedder,
     heads: &crate::model::Heads,
     x_dev: &Tensor,
     train: &[&Example],
-    dev: &[&Example],
+    dev_ids: &[&[u32]],
     gold: &[Label],
     seed: u64,
-) -> Result<(Option<crate::model::lexical::Lexical>, f32)> {
+) -> Result<Option<crate::model::lexical::Lexical>> {
     let started = std::time::Instant::now();
-    let encode = |items: &[&Example]| {
-        items
-            .iter()
-            .map(|e| embedder.tokenizer.encode(&e.text).map(|t| t.ids))
-            .collect::<Result<Vec<_>>>()
-    };
-    let train_ids = encode(train)?;
+    let train_ids = train
+        .iter()
+        .map(|e| embedder.tokenizer.encode(&e.text).map(|t| t.ids))
+        .collect::<Result<Vec<_>>>()?;
     let train_gold: Vec<Label> = train.iter().map(|e| e.label).collect();
     let opts = lexical::LexicalOptions {
         seed,
         ..Default::default()
     };
-    let lex = lexical::fit(&train_ids, &train_gold, &opts).stored()?;
-    let dev_logits: Vec<f32> = encode(dev)?.iter().map(|s| lex.logit(s)).collect();
+    let mut lex = lexical::fit(&train_ids, &train_gold, &opts).stored()?;
+    let dev_logits: Vec<f32> = dev_ids.iter().map(|s| lex.logit(s)).collect();
     let alone: Vec<f32> = dev_logits
         .iter()
         .map(|z| crate::model::lexical::sigmoid(*z))
@@ -467,7 +463,8 @@ fn fit_lexical(
         best.0,
         started.elapsed().as_secs_f64()
     );
-    Ok(((best.0 > 0.0).then_some(lex), best.0))
+    lex.meta.blend = best.0;
+    Ok((best.0 > 0.0).then_some(lex))
 }
 
 /// Token states after layer `from` and pooled embeddings of every text, from one encoder pass
