@@ -70,22 +70,14 @@ fn top_index(probs: &[f32; Category::COUNT]) -> usize {
         .map_or(0, |(i, _)| i)
 }
 
-/// Scores `x` with `heads` and pairs them with gold labels for the report.
+/// Pairs head scores with gold labels for the report, deciding by the per-category
+/// thresholds.
 fn score_examples(
-    heads: &crate::model::Heads,
-    x: &[Vec<f32>],
+    scores: &[crate::model::HeadScores],
     examples: &[&Example],
     thresholds: &[f32; Category::COUNT],
-    unsafe_offset: Option<&[f32]>,
-) -> Result<Vec<Scored>> {
-    let hidden = heads.meta.hidden;
-    let t = Tensor::from_vec(
-        x.iter().flatten().copied().collect::<Vec<f32>>(),
-        (x.len(), hidden),
-        &Device::Cpu,
-    )?;
-    let scores = heads.scores(&t, unsafe_offset)?;
-    Ok(scores
+) -> Vec<Scored> {
+    scores
         .iter()
         .zip(examples)
         .map(|(s, e)| {
@@ -105,7 +97,7 @@ fn score_examples(
                 source: e.source.clone(),
             }
         })
-        .collect())
+        .collect()
 }
 
 pub fn run(job: &TrainJob) -> Result<TrainOutcome> {
@@ -348,13 +340,7 @@ pub fn run(job: &TrainJob) -> Result<TrainOutcome> {
         .collect();
     let (threshold, _) = trainer::calibrate(&probs, &gold);
     let thresholds = trainer::calibrate_categories(&probs, &top, &gold, threshold);
-    let dev_report = FullReport::build(&score_examples(
-        &trained.heads,
-        &dev_x,
-        &dev,
-        &thresholds,
-        dev_offsets.as_deref(),
-    )?);
+    let dev_report = FullReport::build(&score_examples(&dev_scores, &dev, &thresholds));
 
     std::fs::create_dir_all(&job.out).map_err(|e| Error::io(&job.out, e))?;
     let st = job.out.join("heads.safetensors");
@@ -438,15 +424,16 @@ fn fit_lexical(
         .iter()
         .map(|z| crate::model::lexical::sigmoid(*z))
         .collect();
+    // The heads' unsafe logits do not depend on the blend: compute them once.
+    let heads_logits = heads.logits(x_dev, None)?.0.to_vec1::<f32>()?;
     let mut best = (0.0f32, f64::MIN);
     let mut tried = Vec::new();
     for step in 0..=20 {
         let blend = step as f32 / 10.0;
-        let offsets: Vec<f32> = dev_logits.iter().map(|z| blend * z).collect();
-        let probs: Vec<f32> = heads
-            .scores(x_dev, Some(&offsets))?
+        let probs: Vec<f32> = heads_logits
             .iter()
-            .map(|s| s.unsafe_prob)
+            .zip(&dev_logits)
+            .map(|(h, z)| crate::model::lexical::sigmoid(h + blend * z))
             .collect();
         let (_, f1) = trainer::calibrate(&probs, gold);
         tried.push(format!("{blend:.1}: {f1:.4}"));
