@@ -641,7 +641,8 @@ fn model_card(
          - {weights_text}\n\
          - {lexical_text}\n\
          - unsafe threshold calibrated on dev: **{threshold:.2}**; per top category (used by the default\n\
-           policy unless the config sets thresholds):\n\n\
+           policy unless the config sets thresholds; self-harm and sexual content involving minors may\n\
+           only go below the global threshold, so dev F1 never buys precision with their recall):\n\n\
          | category | threshold |\n|---|---|\n{cat_thresholds}\n\
          ## Training\n\n\
          `guardian train --data {data} --out {out}{tune_flags}` — seed {seed}, {epochs} epochs (best: {best_epoch}), batch {batch},\n\

@@ -107,9 +107,15 @@ pub fn calibrate(probs: &[f32], gold: &[Label]) -> (f32, f64) {
     best
 }
 
+/// Categories whose threshold may move below the global one but never above it. Dev F1 counts
+/// a missed suicide method question or a request that sexualises a child the same as a false
+/// alarm; the policy does not, so these categories never trade recall for precision.
+pub const RECALL_FIRST: [Category; 2] = [Category::SelfHarmSuicide, Category::SexualMinors];
+
 /// Per-category thresholds (by the top category) by coordinate ascent from `global` on dev
 /// F1. A category moves off `global` only where that gains at least `MIN_GAIN` weighted F1 —
-/// about two dev items — so thresholds do not chase noise.
+/// about two dev items — so thresholds do not chase noise; [`RECALL_FIRST`] categories only
+/// move down.
 pub fn calibrate_categories(
     probs: &[f32],
     top: &[usize],
@@ -134,10 +140,18 @@ pub fn calibrate_categories(
     let mut best = f1(&th);
     for _round in 0..2 {
         for c in 0..Category::COUNT {
+            let ceiling = if RECALL_FIRST.contains(&Category::ALL[c]) {
+                global
+            } else {
+                f32::INFINITY
+            };
             let mut pick = (th[c], best);
             for i in 20..=90 {
                 let mut trial = th;
                 trial[c] = i as f32 / 100.0;
+                if trial[c] > ceiling {
+                    continue;
+                }
                 let f = f1(&trial);
                 if f > pick.1 + 1e-12 {
                     pick = (trial[c], f);
@@ -397,6 +411,34 @@ mod tests {
             before < 0.9,
             "the global threshold misses category 0: {before}"
         );
+    }
+
+    #[test]
+    fn recall_first_categories_never_rise_above_the_global_threshold() {
+        // Safe items of both categories score 0.6: dev F1 alone would lift both thresholds
+        // above 0.6; only the ordinary category may follow it.
+        let self_harm = Category::ALL
+            .iter()
+            .position(|c| *c == Category::SelfHarmSuicide)
+            .unwrap();
+        let crime = Category::ALL
+            .iter()
+            .position(|c| *c == Category::CrimeAdvice)
+            .unwrap();
+        let (mut probs, mut top, mut gold) = (Vec::new(), Vec::new(), Vec::new());
+        for c in [self_harm, crime] {
+            for i in 0..40 {
+                probs.push(0.8 + (i as f32) * 0.002);
+                top.push(c);
+                gold.push(Label::Unsafe);
+                probs.push(0.6);
+                top.push(c);
+                gold.push(Label::Safe);
+            }
+        }
+        let th = calibrate_categories(&probs, &top, &gold, 0.5);
+        assert!(th[crime] > 0.6, "{th:?}");
+        assert_eq!(th[self_harm], 0.5, "{th:?}");
     }
 
     #[test]
