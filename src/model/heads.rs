@@ -151,7 +151,7 @@ impl Heads {
             }
             u.iter_mut().zip(off).for_each(|(z, o)| *z += o);
         }
-        let u = u.into_iter().map(crate::model::lexical::sigmoid);
+        let u = u.into_iter().map(lexical::sigmoid);
         let c = candle_nn::ops::softmax_last_dim(&c)?
             .to_device(&Device::Cpu)?
             .to_vec2::<f32>()?;

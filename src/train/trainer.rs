@@ -417,14 +417,10 @@ mod tests {
     fn recall_first_categories_never_rise_above_the_global_threshold() {
         // Safe items of both categories score 0.6: dev F1 alone would lift both thresholds
         // above 0.6; only the ordinary category may follow it.
-        let self_harm = Category::ALL
-            .iter()
-            .position(|c| *c == Category::SelfHarmSuicide)
-            .unwrap();
-        let crime = Category::ALL
-            .iter()
-            .position(|c| *c == Category::CrimeAdvice)
-            .unwrap();
+        let (self_harm, crime) = (
+            Category::SelfHarmSuicide.index(),
+            Category::CrimeAdvice.index(),
+        );
         let (mut probs, mut top, mut gold) = (Vec::new(), Vec::new(), Vec::new());
         for c in [self_harm, crime] {
             for i in 0..40 {
