@@ -236,7 +236,7 @@ struct TrainArgs {
     #[arg(long, env = "GUARDIAN_TRAIN_TUNE_EPOCHS", default_value_t = 3)]
     tune_epochs: usize,
     /// Learning rate of the tuned encoder layers.
-    #[arg(long, env = "GUARDIAN_TRAIN_TUNE_LR", default_value_t = 1e-4)]
+    #[arg(long, env = "GUARDIAN_TRAIN_TUNE_LR", default_value_t = 2e-4)]
     tune_lr: f64,
     /// Learning rate of the heads while fine-tuning.
     #[arg(long, env = "GUARDIAN_TRAIN_TUNE_HEADS_LR", default_value_t = 2e-4)]

@@ -38,7 +38,7 @@ impl Default for TuneOptions {
             layers: 6,
             epochs: 3,
             batch_size: 32,
-            encoder_lr: 1e-4,
+            encoder_lr: 2e-4,
             heads_lr: 2e-4,
         }
     }
