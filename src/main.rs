@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 
 use guardian::config::{Config, Mode};
 use guardian::model::{fetch, Backbone, WeightFormat};
+use guardian::train::{TrainOptions, TuneOptions};
 
 #[derive(Parser)]
 #[command(
@@ -209,9 +210,9 @@ struct TrainArgs {
     /// Where heads.safetensors, heads.json, MODEL_CARD.md and the dev/test splits go.
     #[arg(long, env = "GUARDIAN_TRAIN_OUT", default_value = "models")]
     out: PathBuf,
-    #[arg(long, env = "GUARDIAN_TRAIN_SEED", default_value_t = 17)]
+    #[arg(long, env = "GUARDIAN_TRAIN_SEED", default_value_t = TrainOptions::default().seed)]
     seed: u64,
-    #[arg(long, env = "GUARDIAN_TRAIN_EPOCHS", default_value_t = 60)]
+    #[arg(long, env = "GUARDIAN_TRAIN_EPOCHS", default_value_t = TrainOptions::default().epochs)]
     epochs: usize,
     /// Share of each stratum held out for dev (threshold calibration, model selection).
     #[arg(long, env = "GUARDIAN_TRAIN_DEV", default_value_t = 0.1)]
@@ -220,9 +221,9 @@ struct TrainArgs {
     #[arg(long, env = "GUARDIAN_TRAIN_TEST", default_value_t = 0.1)]
     test: f64,
     /// Width of the shared trunk.
-    #[arg(long, env = "GUARDIAN_TRAIN_TRUNK", default_value_t = 512)]
+    #[arg(long, env = "GUARDIAN_TRAIN_TRUNK", default_value_t = TrainOptions::default().trunk)]
     trunk: usize,
-    #[arg(long, env = "GUARDIAN_TRAIN_LR", default_value_t = 2e-3)]
+    #[arg(long, env = "GUARDIAN_TRAIN_LR", default_value_t = TrainOptions::default().learning_rate)]
     lr: f64,
     /// Train on this share of the train split (seeded), e.g. for a quick backbone comparison;
     /// dev and test stay whole.
@@ -230,19 +231,19 @@ struct TrainArgs {
     train_subsample: f64,
     /// After the heads, fine-tune this many top encoder layers with them (0: frozen encoder).
     /// The layers below are run once and their output cached, so an epoch runs only these.
-    #[arg(long, env = "GUARDIAN_TRAIN_TUNE_LAYERS", default_value_t = 6)]
+    #[arg(long, env = "GUARDIAN_TRAIN_TUNE_LAYERS", default_value_t = TuneOptions::default().layers)]
     tune_layers: usize,
     /// Fine-tuning epochs (the best on dev is kept; epoch 0 is the frozen model).
-    #[arg(long, env = "GUARDIAN_TRAIN_TUNE_EPOCHS", default_value_t = 3)]
+    #[arg(long, env = "GUARDIAN_TRAIN_TUNE_EPOCHS", default_value_t = TuneOptions::default().epochs)]
     tune_epochs: usize,
     /// Learning rate of the tuned encoder layers.
-    #[arg(long, env = "GUARDIAN_TRAIN_TUNE_LR", default_value_t = 2e-4)]
+    #[arg(long, env = "GUARDIAN_TRAIN_TUNE_LR", default_value_t = TuneOptions::default().encoder_lr)]
     tune_lr: f64,
     /// Learning rate of the heads while fine-tuning.
-    #[arg(long, env = "GUARDIAN_TRAIN_TUNE_HEADS_LR", default_value_t = 2e-4)]
+    #[arg(long, env = "GUARDIAN_TRAIN_TUNE_HEADS_LR", default_value_t = TuneOptions::default().heads_lr)]
     tune_heads_lr: f64,
     /// Batch size while fine-tuning.
-    #[arg(long, env = "GUARDIAN_TRAIN_TUNE_BATCH", default_value_t = 32)]
+    #[arg(long, env = "GUARDIAN_TRAIN_TUNE_BATCH", default_value_t = TuneOptions::default().batch_size)]
     tune_batch: usize,
     /// Skip the lexical model (a logistic regression on token n-grams whose logit is blended
     /// into the unsafe score with the weight that does best on dev).
@@ -455,14 +456,14 @@ fn run(cli: Cli) -> Result<i32> {
                 dev_fraction: a.dev,
                 test_fraction: a.test,
                 train_subsample: a.train_subsample,
-                options: guardian::train::TrainOptions {
+                options: TrainOptions {
                     seed: a.seed,
                     epochs: a.epochs,
                     trunk: a.trunk,
                     learning_rate: a.lr,
                     ..Default::default()
                 },
-                tune: guardian::train::TuneOptions {
+                tune: TuneOptions {
                     layers: a.tune_layers,
                     epochs: a.tune_epochs,
                     batch_size: a.tune_batch.max(1),
