@@ -225,6 +225,15 @@ struct TrainArgs {
     trunk: usize,
     #[arg(long, env = "GUARDIAN_TRAIN_LR", default_value_t = TrainOptions::default().learning_rate)]
     lr: f64,
+    /// Loss weight of safe hard negatives (items of a source named "*hard-negative*") against
+    /// 1 for every other item; above 1 trades a little unsafe recall for fewer false alarms on
+    /// safe queries that sound harmful.
+    #[arg(
+        long,
+        env = "GUARDIAN_TRAIN_HARD_NEGATIVE_WEIGHT",
+        default_value_t = TrainOptions::default().hard_negative_weight
+    )]
+    hard_negative_weight: f32,
     /// Train on this share of the train split (seeded), e.g. for a quick backbone comparison;
     /// dev and test stay whole.
     #[arg(long, env = "GUARDIAN_TRAIN_SUBSAMPLE", default_value_t = 1.0)]
@@ -461,6 +470,7 @@ fn run(cli: Cli) -> Result<i32> {
                     epochs: a.epochs,
                     trunk: a.trunk,
                     learning_rate: a.lr,
+                    hard_negative_weight: a.hard_negative_weight,
                     ..Default::default()
                 },
                 tune: TuneOptions {
@@ -478,6 +488,11 @@ fn run(cli: Cli) -> Result<i32> {
                 || job.dev_fraction == 0.0
             {
                 bail!("--dev must be in (0, 0.5) and --test in [0, 0.5)");
+            }
+            if !(job.options.hard_negative_weight.is_finite()
+                && job.options.hard_negative_weight > 0.0)
+            {
+                bail!("--hard-negative-weight must be a positive number (1 weighs hard negatives like any other item)");
             }
             if !(job.train_subsample > 0.0 && job.train_subsample <= 1.0) {
                 bail!("--train-subsample must be in (0, 1]");

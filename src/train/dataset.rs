@@ -28,6 +28,17 @@ pub struct Example {
     pub group: Option<String>,
 }
 
+/// Sources of safe items written to look unsafe ("kill a process", "free alternatives to
+/// final cut pro") carry this marker in their name.
+pub const HARD_NEGATIVE_MARKER: &str = "hard-negative";
+
+impl Example {
+    /// A safe item written to look unsafe: its source is named with [`HARD_NEGATIVE_MARKER`].
+    pub fn is_hard_negative(&self) -> bool {
+        self.label == Label::Safe && self.source.contains(HARD_NEGATIVE_MARKER)
+    }
+}
+
 pub fn load(path: &Path) -> Result<Vec<Example>> {
     let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let mut out = Vec::new();

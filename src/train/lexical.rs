@@ -32,9 +32,10 @@ impl Default for LexicalOptions {
     }
 }
 
-/// Fits on token sequences and their labels. Classes are weighted to count equally, as the
-/// heads' loss weights them. The blend weight is left at 0 for the caller to choose on dev.
-pub fn fit(ids: &[Vec<u32>], gold: &[Label], opts: &LexicalOptions) -> Lexical {
+/// Fits on token sequences, their labels and per-item weights. Classes are weighted to count
+/// equally by weighted mass, as the heads' loss weights them. The blend weight is left at 0
+/// for the caller to choose on dev.
+pub fn fit(ids: &[Vec<u32>], gold: &[Label], weight: &[f32], opts: &LexicalOptions) -> Lexical {
     let n = ids.len().max(1) as f32;
     let mut df = vec![0u32; opts.buckets];
     for seq in ids {
@@ -48,11 +49,18 @@ pub fn fit(ids: &[Vec<u32>], gold: &[Label], opts: &LexicalOptions) -> Lexical {
         .map(|&d| ((1.0 + n) / (1.0 + d as f32)).ln() + 1.0)
         .collect();
     let rows: Vec<Vec<(usize, f32)>> = ids.iter().map(|s| features(s, opts.max_n, &idf)).collect();
-    let positives = gold.iter().filter(|g| **g == Label::Unsafe).count().max(1) as f32;
-    let negatives = (gold.len() as f32 - positives).max(1.0);
+    let mass: f32 = weight.iter().sum();
+    let positives = gold
+        .iter()
+        .zip(weight)
+        .filter(|(g, _)| **g == Label::Unsafe)
+        .map(|(_, w)| w)
+        .sum::<f32>()
+        .max(1.0);
+    let negatives = (mass - positives).max(1.0);
     let class_weight = |g: Label| match g {
-        Label::Unsafe => n / (2.0 * positives),
-        Label::Safe => n / (2.0 * negatives),
+        Label::Unsafe => mass / (2.0 * positives),
+        Label::Safe => mass / (2.0 * negatives),
     };
 
     let mut w = vec![0f32; opts.buckets];
@@ -65,7 +73,7 @@ pub fn fit(ids: &[Vec<u32>], gold: &[Label], opts: &LexicalOptions) -> Lexical {
         for &i in &order {
             let z = bias + rows[i].iter().map(|(b, x)| w[*b] * x).sum::<f32>();
             let y = if gold[i] == Label::Unsafe { 1.0 } else { 0.0 };
-            let err = (sigmoid(z) - y) * class_weight(gold[i]);
+            let err = (sigmoid(z) - y) * class_weight(gold[i]) * weight[i];
             for (b, x) in &rows[i] {
                 let grad = err * x + opts.l2 * w[*b];
                 g2[*b] += grad * grad;
@@ -110,7 +118,7 @@ mod tests {
             buckets: 1 << 12,
             ..Default::default()
         };
-        let lex = fit(&ids, &gold, &opts);
+        let lex = fit(&ids, &gold, &vec![1.0; ids.len()], &opts);
         let mean = |label: Label| {
             let z: Vec<f32> = ids
                 .iter()
@@ -131,5 +139,34 @@ mod tests {
             .count();
         assert_eq!(accuracy, ids.len());
         assert_eq!(lex.meta.blend, 0.0);
+    }
+
+    #[test]
+    fn heavier_items_pull_their_tokens_their_way() {
+        // Token 300 is as often in unsafe as in safe items; 100 and 200 mark the classes.
+        let mut ids = Vec::new();
+        let mut gold = Vec::new();
+        for i in 0..200u32 {
+            let (seq, label) = match i % 4 {
+                0 => (vec![100, 1 + i % 7], Label::Unsafe),
+                1 => (vec![200, 1 + i % 7], Label::Safe),
+                2 => (vec![300, 1 + i % 7], Label::Unsafe),
+                _ => (vec![300, 1 + i % 7], Label::Safe),
+            };
+            ids.push(seq);
+            gold.push(label);
+        }
+        let opts = LexicalOptions {
+            buckets: 1 << 12,
+            ..Default::default()
+        };
+        let plain = fit(&ids, &gold, &vec![1.0; ids.len()], &opts);
+        // The safe items with token 300 weighted 4: the token now reads as safe.
+        let weights: Vec<f32> = (0..ids.len())
+            .map(|i| if i % 4 == 3 { 4.0 } else { 1.0 })
+            .collect();
+        let weighted = fit(&ids, &gold, &weights, &opts);
+        let (p, w) = (plain.logit(&[300]), weighted.logit(&[300]));
+        assert!(w < p - 0.5 && w < 0.0, "plain {p}, weighted {w}");
     }
 }

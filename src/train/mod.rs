@@ -180,15 +180,7 @@ pub fn run(job: &TrainJob) -> Result<TrainOutcome> {
         used.iter()
             .zip(&all_x)
             .filter(|(&i, _)| splits[i] == s)
-            .map(|(&i, v)| {
-                (
-                    v.clone(),
-                    trainer::Target {
-                        label: examples[i].label,
-                        category: examples[i].category,
-                    },
-                )
-            })
+            .map(|(&i, v)| (v.clone(), trainer::Target::of(&examples[i], &job.options)))
             .unzip()
     };
     let (train_x, train_y) = gather(Split::Train);
@@ -227,15 +219,7 @@ pub fn run(job: &TrainJob) -> Result<TrainOutcome> {
                 .map(move |(p, &i)| (p, &examples_r[i]))
         };
         let train_pairs: Vec<(usize, trainer::Target)> = indexed(Split::Train)
-            .map(|(p, e)| {
-                (
-                    p,
-                    trainer::Target {
-                        label: e.label,
-                        category: e.category,
-                    },
-                )
-            })
+            .map(|(p, e)| (p, trainer::Target::of(e, &job.options)))
             .collect();
         let dev_pairs: Vec<(usize, Label)> =
             indexed(Split::Dev).map(|(p, e)| (p, e.label)).collect();
@@ -323,7 +307,7 @@ pub fn run(job: &TrainJob) -> Result<TrainOutcome> {
             &train_items,
             &dev_refs,
             &gold,
-            job.options.seed,
+            &job.options,
         )?;
         if let Some(lex) = lex {
             lex_tensors = lex.to_tensors()?;
@@ -406,7 +390,7 @@ fn fit_lexical(
     train: &[&Example],
     dev_ids: &[&[u32]],
     gold: &[Label],
-    seed: u64,
+    options: &TrainOptions,
 ) -> Result<Option<crate::model::lexical::Lexical>> {
     let started = std::time::Instant::now();
     let train_ids = train
@@ -414,11 +398,15 @@ fn fit_lexical(
         .map(|e| embedder.tokenizer.encode(&e.text).map(|t| t.ids))
         .collect::<Result<Vec<_>>>()?;
     let train_gold: Vec<Label> = train.iter().map(|e| e.label).collect();
+    let train_weights: Vec<f32> = train
+        .iter()
+        .map(|e| trainer::Target::of(e, options).weight)
+        .collect();
     let opts = lexical::LexicalOptions {
-        seed,
+        seed: options.seed,
         ..Default::default()
     };
-    let mut lex = lexical::fit(&train_ids, &train_gold, &opts).stored()?;
+    let mut lex = lexical::fit(&train_ids, &train_gold, &train_weights, &opts).stored()?;
     let dev_logits: Vec<f32> = dev_ids.iter().map(|s| lex.logit(s)).collect();
     let alone: Vec<f32> = dev_logits
         .iter()
@@ -647,6 +635,7 @@ fn model_card(
          ## Training\n\n\
          `guardian train --data {data} --out {out}{tune_flags}` — seed {seed}, {epochs} epochs (best: {best_epoch}), batch {batch},\n\
          AdamW lr {lr} (cosine), weight decay {wd}, dropout {dropout}, category loss weight {cw},\n\
+         hard-negative loss weight {hnw} (heads, tuning and lexical model; classes balanced by weighted mass),\n\
          splits dev {devf} / test {testf} stratified by source, label, category and language.\n\
          {tuning}\n\n\
          Examples: {ntrain} train, {ndev} dev, {ntest} test.\n\n\
@@ -665,6 +654,7 @@ fn model_card(
         wd = o.weight_decay,
         dropout = o.dropout,
         cw = o.category_weight,
+        hnw = o.hard_negative_weight,
         devf = job.dev_fraction,
         testf = job.test_fraction,
         ntrain = counts[0],

@@ -7,6 +7,7 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::{Optimizer, VarBuilder, VarMap};
 use rand::{Rng, SeedableRng};
 
+use super::dataset::Example;
 use crate::error::Result;
 use crate::model::heads::{Heads, HeadsMeta, CATEGORY, TRUNK, UNSAFE};
 use crate::policy::Label;
@@ -21,6 +22,10 @@ pub struct TrainOptions {
     pub trunk: usize,
     pub dropout: f32,
     pub category_weight: f64,
+    /// Loss weight of a safe hard negative (a safe query written to look unsafe) relative to
+    /// any other item. Above 1 it spends more of the model on "sounds harmful, is not", the
+    /// over-refusal the paper measures.
+    pub hard_negative_weight: f32,
     pub seed: u64,
 }
 
@@ -34,6 +39,7 @@ impl Default for TrainOptions {
             trunk: 512,
             dropout: 0.1,
             category_weight: 0.5,
+            hard_negative_weight: 1.0,
             seed: 17,
         }
     }
@@ -44,6 +50,23 @@ impl Default for TrainOptions {
 pub struct Target {
     pub label: Label,
     pub category: Option<Category>,
+    /// The item's loss weight before class balancing (1 for most items).
+    pub weight: f32,
+}
+
+impl Target {
+    /// The targets of `e`, weighted by `opts.hard_negative_weight` where it is a hard negative.
+    pub fn of(e: &Example, opts: &TrainOptions) -> Self {
+        Self {
+            label: e.label,
+            category: e.category,
+            weight: if e.is_hard_negative() {
+                opts.hard_negative_weight
+            } else {
+                1.0
+            },
+        }
+    }
 }
 
 /// The best epoch so far: its number, dev F1 and a copy of the weights.
@@ -176,6 +199,7 @@ pub fn unsafe_probs(heads: &Heads, x: &Tensor) -> Result<Vec<f32>> {
 
 /// Class weights of the joint loss: safe/unsafe balanced; categories by inverse square-root
 /// frequency (clamped), so rare categories count without swamping the common ones.
+#[derive(Debug)]
 pub struct LossWeights {
     w_unsafe: f32,
     w_safe: f32,
@@ -183,31 +207,32 @@ pub struct LossWeights {
 }
 
 impl LossWeights {
+    /// Class weights that make both labels (and, softened, the categories) count equally,
+    /// counting each item by its own weight.
     pub fn from_targets(train_y: &[Target]) -> Self {
-        let n = train_y.len();
-        let n_unsafe = train_y
-            .iter()
-            .filter(|t| t.label == Label::Unsafe)
-            .count()
-            .max(1);
-        let n_safe = (n - n_unsafe.min(n)).max(1);
-        let mut cat_counts = [0usize; Category::COUNT];
+        let mass = |keep: &dyn Fn(&Target) -> bool| -> f32 {
+            train_y.iter().filter(|t| keep(t)).map(|t| t.weight).sum()
+        };
+        let n = mass(&|_| true);
+        let n_unsafe = mass(&|t| t.label == Label::Unsafe).max(1.0);
+        let n_safe = (n - n_unsafe).max(1.0);
+        let mut cat_counts = [0f32; Category::COUNT];
         for t in train_y {
             if let Some(c) = t.category {
-                cat_counts[c.index()] += 1;
+                cat_counts[c.index()] += t.weight;
             }
         }
-        let mean_count = n_unsafe as f32 / Category::COUNT as f32;
+        let mean_count = n_unsafe / Category::COUNT as f32;
         Self {
-            w_unsafe: n as f32 / (2.0 * n_unsafe as f32),
-            w_safe: n as f32 / (2.0 * n_safe as f32),
+            w_unsafe: n / (2.0 * n_unsafe),
+            w_safe: n / (2.0 * n_safe),
             cat_w: cat_counts
                 .iter()
                 .map(|&c| {
-                    if c == 0 {
+                    if c <= 0.0 {
                         0.0
                     } else {
-                        (mean_count / c as f32).sqrt().clamp(0.25, 4.0)
+                        (mean_count / c).sqrt().clamp(0.25, 4.0)
                     }
                 })
                 .collect(),
@@ -231,7 +256,8 @@ impl LossWeights {
             .collect();
         let wb: Vec<f32> = y
             .iter()
-            .map(|&y| if y > 0.5 { self.w_unsafe } else { self.w_safe })
+            .zip(targets)
+            .map(|(&y, t)| t.weight * if y > 0.5 { self.w_unsafe } else { self.w_safe })
             .collect();
         let wb_sum: f32 = wb.iter().sum();
         let y = Tensor::from_vec(y, b, dev)?;
@@ -246,7 +272,7 @@ impl LossWeights {
             .collect();
         let wc: Vec<f32> = targets
             .iter()
-            .map(|t| t.category.map_or(0.0, |c| self.cat_w[c.index()]))
+            .map(|t| t.category.map_or(0.0, |c| t.weight * self.cat_w[c.index()]))
             .collect();
         let wc_sum: f32 = wc.iter().sum();
         if wc_sum <= 0.0 {
@@ -443,10 +469,12 @@ mod tests {
             Target {
                 label: Label::Unsafe,
                 category: Some(Category::ALL[2]),
+                weight: 1.0,
             },
             Target {
                 label: Label::Safe,
                 category: None,
+                weight: 1.0,
             },
         ];
         let w = LossWeights::from_targets(&targets);
@@ -463,5 +491,40 @@ mod tests {
         };
         assert!(loss([4.0, -4.0], 4.0) < loss([-4.0, 4.0], 4.0));
         assert!(loss([4.0, -4.0], 4.0) < loss([4.0, -4.0], -4.0));
+    }
+
+    #[test]
+    fn a_heavier_item_costs_more_when_it_is_wrong() {
+        let t = |label, weight| Target {
+            label,
+            category: (label == Label::Unsafe).then_some(Category::ALL[0]),
+            weight,
+        };
+        // A safe item, a hard negative weighted 3, and an unsafe item.
+        let targets = [
+            t(Label::Safe, 1.0),
+            t(Label::Safe, 3.0),
+            t(Label::Unsafe, 1.0),
+        ];
+        let w = LossWeights::from_targets(&targets);
+        // Classes still balance by weighted mass: 4 safe against 1 unsafe.
+        assert!((w.w_safe * 4.0 - w.w_unsafe).abs() < 1e-5, "{w:?}");
+        let dev = Device::Cpu;
+        let c = Tensor::zeros((3, Category::COUNT), DType::F32, &dev).unwrap();
+        let loss = |u: [f32; 3]| {
+            let u = Tensor::new(&u, &dev).unwrap();
+            w.joint_loss(&u, &c, &targets, 0.5)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        // The category loss is the same in every case; compare the extra cost of each mistake.
+        let all_right = loss([-4.0, -4.0, 4.0]);
+        let plain_wrong = loss([4.0, -4.0, 4.0]) - all_right;
+        let hard_negative_wrong = loss([-4.0, 4.0, 4.0]) - all_right;
+        assert!(
+            hard_negative_wrong > 2.5 * plain_wrong,
+            "{hard_negative_wrong} {plain_wrong}"
+        );
     }
 }
