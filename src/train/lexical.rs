@@ -5,6 +5,7 @@
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
+use super::trainer::balanced_class_weights;
 use crate::model::lexical::{bucket_counts, features, sigmoid, Lexical, LexicalMeta};
 use crate::policy::Label;
 
@@ -49,18 +50,11 @@ pub fn fit(ids: &[Vec<u32>], gold: &[Label], weight: &[f32], opts: &LexicalOptio
         .map(|&d| ((1.0 + n) / (1.0 + d as f32)).ln() + 1.0)
         .collect();
     let rows: Vec<Vec<(usize, f32)>> = ids.iter().map(|s| features(s, opts.max_n, &idf)).collect();
-    let mass: f32 = weight.iter().sum();
-    let positives = gold
-        .iter()
-        .zip(weight)
-        .filter(|(g, _)| **g == Label::Unsafe)
-        .map(|(_, w)| w)
-        .sum::<f32>()
-        .max(1.0);
-    let negatives = (mass - positives).max(1.0);
+    let (w_unsafe, w_safe) =
+        balanced_class_weights(gold.iter().copied().zip(weight.iter().copied()));
     let class_weight = |g: Label| match g {
-        Label::Unsafe => mass / (2.0 * positives),
-        Label::Safe => mass / (2.0 * negatives),
+        Label::Unsafe => w_unsafe,
+        Label::Safe => w_safe,
     };
 
     let mut w = vec![0f32; opts.buckets];

@@ -398,10 +398,7 @@ fn fit_lexical(
         .map(|e| embedder.tokenizer.encode(&e.text).map(|t| t.ids))
         .collect::<Result<Vec<_>>>()?;
     let train_gold: Vec<Label> = train.iter().map(|e| e.label).collect();
-    let train_weights: Vec<f32> = train
-        .iter()
-        .map(|e| trainer::Target::of(e, options).weight)
-        .collect();
+    let train_weights: Vec<f32> = train.iter().map(|e| options.item_weight(e)).collect();
     let opts = lexical::LexicalOptions {
         seed: options.seed,
         ..Default::default()

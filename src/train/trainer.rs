@@ -54,19 +54,42 @@ pub struct Target {
     pub weight: f32,
 }
 
+impl TrainOptions {
+    /// An item's loss weight before class balancing: `hard_negative_weight` for a hard
+    /// negative, 1 for any other item.
+    pub fn item_weight(&self, e: &Example) -> f32 {
+        if e.is_hard_negative() {
+            self.hard_negative_weight
+        } else {
+            1.0
+        }
+    }
+}
+
 impl Target {
-    /// The targets of `e`, weighted by `opts.hard_negative_weight` where it is a hard negative.
+    /// The targets of `e`, weighted by [`TrainOptions::item_weight`].
     pub fn of(e: &Example, opts: &TrainOptions) -> Self {
         Self {
             label: e.label,
             category: e.category,
-            weight: if e.is_hard_negative() {
-                opts.hard_negative_weight
-            } else {
-                1.0
-            },
+            weight: opts.item_weight(e),
         }
     }
+}
+
+/// `(unsafe, safe)` class weights that give both labels the same total weight, counting each
+/// item by its own weight; the heads' loss and the lexical model both balance this way.
+pub fn balanced_class_weights(items: impl Iterator<Item = (Label, f32)>) -> (f32, f32) {
+    let (mut mass, mut unsafe_mass) = (0f32, 0f32);
+    for (label, w) in items {
+        mass += w;
+        if label == Label::Unsafe {
+            unsafe_mass += w;
+        }
+    }
+    let unsafe_mass = unsafe_mass.max(1.0);
+    let safe_mass = (mass - unsafe_mass).max(1.0);
+    (mass / (2.0 * unsafe_mass), mass / (2.0 * safe_mass))
 }
 
 /// The best epoch so far: its number, dev F1 and a copy of the weights.
@@ -210,12 +233,14 @@ impl LossWeights {
     /// Class weights that make both labels (and, softened, the categories) count equally,
     /// counting each item by its own weight.
     pub fn from_targets(train_y: &[Target]) -> Self {
-        let mass = |keep: &dyn Fn(&Target) -> bool| -> f32 {
-            train_y.iter().filter(|t| keep(t)).map(|t| t.weight).sum()
-        };
-        let n = mass(&|_| true);
-        let n_unsafe = mass(&|t| t.label == Label::Unsafe).max(1.0);
-        let n_safe = (n - n_unsafe).max(1.0);
+        let (w_unsafe, w_safe) =
+            balanced_class_weights(train_y.iter().map(|t| (t.label, t.weight)));
+        let n_unsafe: f32 = train_y
+            .iter()
+            .filter(|t| t.label == Label::Unsafe)
+            .map(|t| t.weight)
+            .sum::<f32>()
+            .max(1.0);
         let mut cat_counts = [0f32; Category::COUNT];
         for t in train_y {
             if let Some(c) = t.category {
@@ -224,8 +249,8 @@ impl LossWeights {
         }
         let mean_count = n_unsafe / Category::COUNT as f32;
         Self {
-            w_unsafe: n / (2.0 * n_unsafe),
-            w_safe: n / (2.0 * n_safe),
+            w_unsafe,
+            w_safe,
             cat_w: cat_counts
                 .iter()
                 .map(|&c| {
