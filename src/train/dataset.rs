@@ -26,6 +26,11 @@ pub struct Example {
     /// Items written from one template share a group and always land in the same split.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
+    /// A split fixed by the data file rather than dealt by the seed. Items written after
+    /// studying the model's dev errors are pinned to train, so dev and test stay the sets
+    /// the earlier models were measured on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub split: Option<Split>,
 }
 
 /// Sources of safe items written to look unsafe ("kill a process", "free alternatives to
@@ -124,7 +129,7 @@ pub fn load_many(paths: &[std::path::PathBuf]) -> Result<(Vec<Example>, usize)> 
     ))
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Split {
     Train,
@@ -137,9 +142,15 @@ type Stratum = (String, Label, Option<Category>, String);
 
 /// Assigns every example a split. Strata are (source, label, category, language); inside a
 /// stratum, groups (or single examples) are shuffled by `seed` and dealt out by the fractions.
+/// Pinned examples keep their split and take no part in the dealing, so adding them leaves
+/// every other example's split unchanged.
 pub fn split(examples: &[Example], dev: f64, test: f64, seed: u64) -> Vec<Split> {
     let mut strata: BTreeMap<Stratum, BTreeMap<String, Vec<usize>>> = BTreeMap::new();
-    for (i, e) in examples.iter().enumerate() {
+    for (i, e) in examples
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| e.split.is_none())
+    {
         let key = (e.source.clone(), e.label, e.category, e.lang.clone());
         let group = e.group.clone().unwrap_or_else(|| format!("#{i}"));
         strata
@@ -150,7 +161,10 @@ pub fn split(examples: &[Example], dev: f64, test: f64, seed: u64) -> Vec<Split>
             .push(i);
     }
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut out = vec![Split::Train; examples.len()];
+    let mut out: Vec<Split> = examples
+        .iter()
+        .map(|e| e.split.unwrap_or(Split::Train))
+        .collect();
     for (_, groups) in strata {
         let mut groups: Vec<Vec<usize>> = groups.into_values().collect();
         groups.shuffle(&mut rng);
@@ -189,6 +203,7 @@ mod tests {
             source: "s".into(),
             license: String::new(),
             group: group.map(String::from),
+            split: None,
         }
     }
 
@@ -229,5 +244,28 @@ mod tests {
             let idx: Vec<usize> = (100..140).filter(|i| i / 4 == 25 + g).collect();
             assert!(idx.iter().all(|&i| a[i] == a[idx[0]]));
         }
+    }
+
+    #[test]
+    fn pinned_examples_keep_their_split_and_leave_the_rest_unchanged() {
+        let base: Vec<Example> = (0..100).map(|i| ex(i, Label::Safe, None)).collect();
+        let mut more = base.clone();
+        // Same stratum as the others, so unpinned they would join the dealing.
+        more.extend((100..130).map(|i| Example {
+            split: Some(Split::Train),
+            ..ex(i, Label::Safe, None)
+        }));
+        more.push(Example {
+            split: Some(Split::Test),
+            ..ex(130, Label::Safe, None)
+        });
+        let a = split(&base, 0.1, 0.1, 7);
+        let b = split(&more, 0.1, 0.1, 7);
+        assert_eq!(a[..], b[..100]);
+        assert!(b[100..130].iter().all(|s| *s == Split::Train));
+        assert_eq!(b[130], Split::Test);
+        let line = r#"{"text":"t","label":"safe","category":null,"lang":"en","split":"train"}"#;
+        let e: Example = serde_json::from_str(line).unwrap();
+        assert_eq!(e.split, Some(Split::Train));
     }
 }
