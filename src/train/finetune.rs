@@ -382,6 +382,7 @@ pub fn tune(
     let total_steps = (steps_per_epoch * opts.epochs) as f64;
     progress.set_length(total_steps as u64);
     let mut step = 0f64;
+    let started = std::time::Instant::now();
     for epoch in 1..=opts.epochs {
         for batch in length_batches(&mut rng, &states.lens, &train_idx, opts.batch_size) {
             // Linear warm-up over the first 5% of steps, then linear decay.
@@ -413,8 +414,10 @@ pub fn tune(
         }
         let (_, f1) = trainer::calibrate(&probs(&top, heads, states, &dev_idx)?, &dev_gold);
         eprintln!(
-            "tune epoch {epoch}: dev weighted F1 {f1:.4} (best so far {:.4})",
-            best.1
+            "tune epoch {epoch}: dev weighted F1 {f1:.4} (best so far {:.4}; {:.0}s since tuning \
+             began)",
+            best.1,
+            started.elapsed().as_secs_f64()
         );
         if f1 > best.1 {
             best = (epoch, f1, trainer::snapshot(varmap)?);
