@@ -19,8 +19,8 @@ fn spec(max_tokens: usize) -> ModelSpec {
     }
 }
 
-/// The embedder; fails the test, saying how to fetch the model, when its files are not there.
-fn embedder(max_tokens: usize) -> Embedder {
+/// Fails the test, saying how to fetch the model, when its files are not there.
+fn require_model() {
     let weights = guardian::model::fetch::models_dir(&common::home())
         .join(guardian::model::fetch::GEMMA_WEIGHTS);
     assert!(
@@ -29,6 +29,10 @@ fn embedder(max_tokens: usize) -> Embedder {
          (ops/test.sh does)",
         weights.display()
     );
+}
+
+fn embedder(max_tokens: usize) -> Embedder {
+    require_model();
     Embedder::load(&spec(max_tokens), &Device::Cpu).expect("EmbeddingGemma loads")
 }
 
@@ -207,7 +211,7 @@ fn translations_score_far_above_unrelated_pairs() {
 
 #[test]
 fn refuses_heads_trained_for_another_backbone() {
-    embedder(128);
+    require_model();
     // The built-in heads read e5-small embeddings.
     let Err(err) = Model::load(&spec(128)) else {
         panic!("e5-small heads loaded onto EmbeddingGemma");
