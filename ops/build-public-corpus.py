@@ -704,15 +704,13 @@ def main(argv: list[str] | None = None) -> int:
                          "comment sets (relative paths: to the repo root)")
     args = ap.parse_args(argv)
 
-    datasets = Path(args.datasets)
-    if not datasets.is_absolute():
-        datasets = repo_root / datasets
-    out = Path(args.out)
-    if not out.is_absolute():
-        out = repo_root / out
-    extra_out = Path(args.extra_out)
-    if not extra_out.is_absolute():
-        extra_out = repo_root / extra_out
+    def resolve(arg: str) -> Path:
+        path = Path(arg)
+        return path if path.is_absolute() else repo_root / path
+
+    datasets = resolve(args.datasets)
+    out = resolve(args.out)
+    extra_out = resolve(args.extra_out)
     if not (datasets / "README.md").is_file():
         ap.error(f"no data sets at {datasets}")
 
