@@ -81,6 +81,9 @@ enum Command {
     },
     /// Measure uncached throughput and batch latency at several batch settings.
     Bench(BenchArgs),
+    /// Measure one fine-tuning step of the top encoder layers (forward, backward, AdamW) with
+    /// the fused training kernels against candle's elementwise ops, in the same run.
+    BenchTune(BenchTuneArgs),
     /// Measure the Kafka worker end to end through the broker: cold and warm cache, against
     /// `screen`'s uncached rate in the same run. Needs the broker and Redis (`ops/services.sh up`).
     BenchServe(BenchServeArgs),
@@ -293,6 +296,27 @@ struct BenchArgs {
     /// Print the report as JSON.
     #[arg(long, env = "GUARDIAN_BENCH_JSON")]
     json: bool,
+}
+
+#[derive(Args)]
+struct BenchTuneArgs {
+    /// How many top encoder layers are tuned (as `train --tune-layers`).
+    #[arg(long, env = "GUARDIAN_BENCH_TUNE_LAYERS", default_value_t = 6)]
+    layers: usize,
+    /// Texts per batch (as training's tuning batch).
+    #[arg(long, env = "GUARDIAN_BENCH_TUNE_BATCH", default_value_t = 32)]
+    batch: usize,
+    /// Padded batch lengths in tokens to measure, comma separated.
+    #[arg(
+        long,
+        env = "GUARDIAN_BENCH_TUNE_SEQ",
+        value_delimiter = ',',
+        default_value = "16,32,64"
+    )]
+    seq: Vec<usize>,
+    /// Timed steps per kernel and length.
+    #[arg(long, env = "GUARDIAN_BENCH_TUNE_STEPS", default_value_t = 10)]
+    steps: usize,
 }
 
 #[derive(Args)]
@@ -522,6 +546,35 @@ fn run(cli: Cli) -> Result<i32> {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 print!("{}", report.render());
+            }
+            Ok(0)
+        }
+        Command::BenchTune(a) => {
+            let cfg = load_config(&g)?;
+            let path = guardian::model::fetch::models_dir(&cfg.home())
+                .join(guardian::model::fetch::E5_WEIGHTS);
+            let file = guardian::model::e5s1::E5s1::open(&path)
+                .with_context(|| "run `guardian models fetch` first")?;
+            println!(
+                "tuning step, {} layers, batch {} (ms per step)",
+                a.layers, a.batch
+            );
+            println!("  seq  elementwise     fused  speed-up  loss rel. diff");
+            for &seq in &a.seq {
+                let t = guardian::train::finetune::bench_steps(
+                    &file,
+                    a.layers,
+                    a.batch,
+                    seq.max(1),
+                    a.steps.max(1),
+                )?;
+                println!(
+                    "{seq:>5} {:>12.1} {:>9.1} {:>8.2}x  {:.1e}",
+                    t.elementwise_s * 1e3,
+                    t.fused_s * 1e3,
+                    t.elementwise_s / t.fused_s,
+                    t.loss_diff
+                );
             }
             Ok(0)
         }

@@ -644,3 +644,38 @@ fn lexical_model_is_blended_into_the_unsafe_score_and_can_be_turned_off() {
     let card = std::fs::read_to_string(off.join("MODEL_CARD.md")).unwrap();
     assert!(card.contains("--no-lexical"), "{card}");
 }
+
+#[test]
+fn bench_tune_times_both_kernels_on_the_same_losses() {
+    let o = guardian(
+        &[
+            "bench-tune",
+            "--layers",
+            "2",
+            "--batch",
+            "4",
+            "--seq",
+            "8,20",
+            "--steps",
+            "1",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let rows: Vec<Vec<&str>> = out
+        .lines()
+        .filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit()))
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(rows.len(), 2, "one row per length: {out}");
+    for (row, seq) in rows.iter().zip(["8", "20"]) {
+        assert_eq!(row[0], seq, "{out}");
+        let ms = |i: usize| row[i].parse::<f64>().unwrap();
+        assert!(ms(1) > 0.0 && ms(2) > 0.0, "{out}");
+        assert!(row[3].ends_with('x'), "{out}");
+        // Both kernels compute the same function: their first losses differ by rounding only.
+        let diff: f64 = row[4].parse().unwrap();
+        assert!(diff < 1e-4, "fused and elementwise losses differ: {out}");
+    }
+}

@@ -12,6 +12,7 @@ use candle_core::{Device, Tensor, Var, D};
 use candle_nn::{Optimizer, VarMap};
 use rand::{Rng, SeedableRng};
 
+use super::fused;
 use super::trainer::{self, LossWeights, Target, TrainOptions};
 use crate::error::{Error, Result};
 use crate::model::e5s1::{Dims, E5s1};
@@ -177,9 +178,17 @@ impl VarLayer {
         x.matmul(&w.t()?)?.broadcast_add(b)
     }
 
-    fn norm(&self, i: usize, x: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
-        // Written out in differentiable ops (candle's fused layer norm has no backward).
+    fn norm(
+        &self,
+        i: usize,
+        x: &Tensor,
+        eps: f64,
+        kernels: Kernels,
+    ) -> candle_core::Result<Tensor> {
         let (w, b) = &self.vars[i];
+        if kernels == Kernels::Fused {
+            return fused::layer_norm(x, w, b, eps);
+        }
         let mean = x.mean_keepdim(D::Minus1)?;
         let xc = x.broadcast_sub(&mean)?;
         let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
@@ -189,11 +198,23 @@ impl VarLayer {
     }
 }
 
+/// How the tuned layers compute their layer norms, attention and GELU (and, in the benchmark,
+/// which AdamW updates them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernels {
+    /// The project's fused ops with a hand-written backward (what training uses).
+    Fused,
+    /// candle's elementwise ops, differentiated by candle: the reference the fused ops are
+    /// checked and benchmarked against.
+    Elementwise,
+}
+
 /// The trainable top of the encoder plus pooling: cached states in, sentence embeddings out.
 struct Top {
     layers: Vec<VarLayer>,
     dims: Dims,
     eps: f64,
+    kernels: Kernels,
 }
 
 impl Top {
@@ -202,30 +223,37 @@ impl Top {
         let (b, seq, h) = x.dims3()?;
         let heads = self.dims.heads;
         let hd = h / heads;
-        let bias = ((mask.reshape((b, 1, 1, seq))? - 1.0)? * 1e4)?;
         let scale = 1.0 / (hd as f64).sqrt();
         let mut x = x.reshape((b * seq, h))?;
         for l in &self.layers {
-            let split = |t: Tensor| -> candle_core::Result<Tensor> {
-                t.reshape((b, seq, heads, hd))?
-                    .transpose(1, 2)?
-                    .contiguous()
+            let (q, k, v) = (l.linear(0, &x)?, l.linear(1, &x)?, l.linear(2, &x)?);
+            let ctx = match self.kernels {
+                Kernels::Fused => fused::attention(&q, &k, &v, mask, heads, scale)?,
+                Kernels::Elementwise => {
+                    let split = |t: Tensor| -> candle_core::Result<Tensor> {
+                        t.reshape((b, seq, heads, hd))?
+                            .transpose(1, 2)?
+                            .contiguous()
+                    };
+                    let (q, k, v) = (split((q * scale)?)?, split(k)?, split(v)?);
+                    let bias = ((mask.reshape((b, 1, 1, seq))? - 1.0)? * 1e4)?;
+                    let scores = q.matmul(&k.t()?.contiguous()?)?.broadcast_add(&bias)?;
+                    candle_nn::ops::softmax(&scores, D::Minus1)?
+                        .matmul(&v)?
+                        .transpose(1, 2)?
+                        .contiguous()?
+                        .reshape((b * seq, h))?
+                }
             };
-            let q = split((l.linear(0, &x)? * scale)?)?;
-            let k = split(l.linear(1, &x)?)?;
-            let v = split(l.linear(2, &x)?)?;
-            let scores = q.matmul(&k.t()?.contiguous()?)?.broadcast_add(&bias)?;
-            let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
-            let ctx = probs
-                .matmul(&v)?
-                .transpose(1, 2)?
-                .contiguous()?
-                .reshape((b * seq, h))?;
             let attn = l.linear(3, &ctx)?;
-            x = l.norm(4, &(attn + &x)?, self.eps)?;
-            let ff = l.linear(5, &x)?.gelu_erf()?;
+            x = l.norm(4, &(attn + &x)?, self.eps, self.kernels)?;
+            let ff = l.linear(5, &x)?;
+            let ff = match self.kernels {
+                Kernels::Fused => fused::gelu_erf(&ff)?,
+                Kernels::Elementwise => ff.gelu_erf()?,
+            };
             let ff = l.linear(6, &ff)?;
-            x = l.norm(7, &(ff + &x)?, self.eps)?;
+            x = l.norm(7, &(ff + &x)?, self.eps, self.kernels)?;
         }
         let x = x.reshape((b, seq, h))?;
         let m = mask.unsqueeze(2)?;
@@ -359,6 +387,7 @@ pub fn tune(
         layers,
         dims,
         eps: file.layer_norm_eps,
+        kernels: Kernels::Fused,
     };
     let targets: Vec<Target> = train.iter().map(|t| t.1).collect();
     let weights = LossWeights::from_targets(&targets);
@@ -367,8 +396,8 @@ pub fn tune(
         weight_decay: base.weight_decay,
         ..Default::default()
     };
-    let mut opt_enc = candle_nn::AdamW::new(enc_vars, params(opts.encoder_lr))?;
-    let mut opt_heads = candle_nn::AdamW::new(heads_vars, params(opts.heads_lr))?;
+    let mut opt_enc = fused::AdamW::new(enc_vars, params(opts.encoder_lr));
+    let mut opt_heads = fused::AdamW::new(heads_vars, params(opts.heads_lr));
 
     let dev_idx: Vec<usize> = dev.iter().map(|d| d.0).collect();
     let dev_gold: Vec<Label> = dev.iter().map(|d| d.1).collect();
@@ -443,5 +472,85 @@ pub fn tune(
         layers,
         best_epoch,
         best_dev_f1,
+    })
+}
+
+/// What [`bench_steps`] measured.
+pub struct StepTimes {
+    pub elementwise_s: f64,
+    pub fused_s: f64,
+    pub loss_diff: f32,
+}
+
+/// Seconds per fine-tuning step (forward, backward and AdamW over the top `layers` layers) of
+/// a `batch` × `seq` batch of random token states, for each kind of kernel, measured
+/// alternately in the same run so that both see the same machine load. Also returns the
+/// relative difference of the two kernels' first losses, which must be rounding only.
+pub fn bench_steps(
+    file: &E5s1,
+    layers: usize,
+    batch: usize,
+    seq: usize,
+    steps: usize,
+) -> Result<StepTimes> {
+    let dims = file.dims;
+    let from = dims.layers - layers.clamp(1, dims.layers);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let normal = |rng: &mut rand::rngs::StdRng, n: usize| -> Vec<f32> {
+        (0..n).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect()
+    };
+    let x = Tensor::from_vec(
+        normal(&mut rng, batch * seq * dims.hidden),
+        (batch, seq, dims.hidden),
+        &Device::Cpu,
+    )?;
+    // Real batches have padding: the last quarter of each row's tokens is masked.
+    let real = (seq - seq / 4).max(1);
+    let mask: Vec<f32> = (0..batch * seq)
+        .map(|i| if i % seq < real { 1.0 } else { 0.0 })
+        .collect();
+    let mask = Tensor::from_vec(mask, (batch, seq), &Device::Cpu)?;
+    let target = Tensor::from_vec(
+        normal(&mut rng, batch * dims.hidden),
+        (batch, dims.hidden),
+        &Device::Cpu,
+    )?;
+    let mut runs = Vec::new();
+    for kernels in [Kernels::Elementwise, Kernels::Fused] {
+        let varmap = VarMap::new();
+        let top = Top {
+            layers: add_layers(&varmap, file, from)?,
+            dims,
+            eps: file.layer_norm_eps,
+            kernels,
+        };
+        runs.push((top, varmap, 0f64, Vec::new()));
+    }
+    // Each kind of kernel with the optimizer it trains with.
+    let mut candle_adam = candle_nn::AdamW::new(runs[0].1.all_vars(), Default::default())?;
+    let mut fused_adam = fused::AdamW::new(runs[1].1.all_vars(), Default::default());
+    // One untimed step each warms the allocator and the thread pool.
+    for step in 0..=steps {
+        for (top, _, secs, losses) in runs.iter_mut() {
+            let t = std::time::Instant::now();
+            let loss = (top.forward(&x, &mask)? * &target)?.sum_all()?;
+            let grads = loss.backward()?;
+            match top.kernels {
+                Kernels::Elementwise => candle_adam.step(&grads)?,
+                Kernels::Fused => fused_adam.step(&grads)?,
+            }
+            if step > 0 {
+                *secs += t.elapsed().as_secs_f64();
+            }
+            losses.push(loss.to_scalar::<f32>()?);
+        }
+    }
+    // The first step's losses (before any update) differ only by rounding.
+    let (a, b) = (runs[0].3[0], runs[1].3[0]);
+    let loss_diff = (a - b).abs() / a.abs().max(1e-12);
+    Ok(StepTimes {
+        elementwise_s: runs[0].2 / steps.max(1) as f64,
+        fused_s: runs[1].2 / steps.max(1) as f64,
+        loss_diff,
     })
 }

@@ -4,6 +4,7 @@
 pub mod dataset;
 pub mod embed_cache;
 pub mod finetune;
+mod fused;
 pub mod lexical;
 pub mod trainer;
 
