@@ -94,7 +94,7 @@ impl CustomOp3 for LayerNorm {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let h = x.dims().last().copied().unwrap_or(1).max(1);
+        let h = last_dim(x.layout());
         let xs = to_vec(x)?;
         let ws = to_vec(w)?;
         let gs = to_vec(grad)?;
@@ -168,7 +168,7 @@ impl CustomOp1 for GeluErf {
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let h = x.dims().last().copied().unwrap_or(1).max(1);
+        let h = last_dim(x.layout());
         let xs = to_vec(x)?;
         let gs = to_vec(grad)?;
         // d/dx x·Φ(x) = Φ(x) + x·φ(x), φ the standard normal density.
@@ -206,7 +206,7 @@ pub fn attention(
         seq,
         heads,
         scale: scale as f32,
-        mask: mask.flatten_all()?.to_vec1::<f32>()?,
+        mask: to_vec(mask)?,
     };
     let rows = batch * seq;
     for t in [q, k, v] {
