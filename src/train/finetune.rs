@@ -496,11 +496,11 @@ pub fn bench_steps(
     let dims = file.dims;
     let from = dims.layers - layers.clamp(1, dims.layers);
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-    let normal = |rng: &mut rand::rngs::StdRng, n: usize| -> Vec<f32> {
+    let uniform = |rng: &mut rand::rngs::StdRng, n: usize| -> Vec<f32> {
         (0..n).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect()
     };
     let x = Tensor::from_vec(
-        normal(&mut rng, batch * seq * dims.hidden),
+        uniform(&mut rng, batch * seq * dims.hidden),
         (batch, seq, dims.hidden),
         &Device::Cpu,
     )?;
@@ -511,27 +511,34 @@ pub fn bench_steps(
         .collect();
     let mask = Tensor::from_vec(mask, (batch, seq), &Device::Cpu)?;
     let target = Tensor::from_vec(
-        normal(&mut rng, batch * dims.hidden),
+        uniform(&mut rng, batch * dims.hidden),
         (batch, dims.hidden),
         &Device::Cpu,
     )?;
-    let mut runs = Vec::new();
-    for kernels in [Kernels::Elementwise, Kernels::Fused] {
+    let top = |kernels| -> Result<(Top, VarMap)> {
         let varmap = VarMap::new();
-        let top = Top {
-            layers: add_layers(&varmap, file, from)?,
-            dims,
-            eps: file.layer_norm_eps,
-            kernels,
-        };
-        runs.push((top, varmap, 0f64, Vec::new()));
-    }
+        let layers = add_layers(&varmap, file, from)?;
+        let eps = file.layer_norm_eps;
+        Ok((
+            Top {
+                layers,
+                dims,
+                eps,
+                kernels,
+            },
+            varmap,
+        ))
+    };
     // Each kind of kernel with the optimizer it trains with.
-    let mut candle_adam = candle_nn::AdamW::new(runs[0].1.all_vars(), Default::default())?;
-    let mut fused_adam = fused::AdamW::new(runs[1].1.all_vars(), Default::default());
+    let (elementwise, vars) = top(Kernels::Elementwise)?;
+    let mut candle_adam = candle_nn::AdamW::new(vars.all_vars(), Default::default())?;
+    let (fused, vars) = top(Kernels::Fused)?;
+    let mut fused_adam = fused::AdamW::new(vars.all_vars(), Default::default());
+    let mut secs = [0f64; 2];
+    let mut first_loss = [0f32; 2];
     // One untimed step each warms the allocator and the thread pool.
     for step in 0..=steps {
-        for (top, _, secs, losses) in runs.iter_mut() {
+        for (i, top) in [&elementwise, &fused].into_iter().enumerate() {
             let t = std::time::Instant::now();
             let loss = (top.forward(&x, &mask)? * &target)?.sum_all()?;
             let grads = loss.backward()?;
@@ -539,18 +546,19 @@ pub fn bench_steps(
                 Kernels::Elementwise => candle_adam.step(&grads)?,
                 Kernels::Fused => fused_adam.step(&grads)?,
             }
-            if step > 0 {
-                *secs += t.elapsed().as_secs_f64();
+            if step == 0 {
+                first_loss[i] = loss.to_scalar::<f32>()?;
+            } else {
+                secs[i] += t.elapsed().as_secs_f64();
             }
-            losses.push(loss.to_scalar::<f32>()?);
         }
     }
     // The first step's losses (before any update) differ only by rounding.
-    let (a, b) = (runs[0].3[0], runs[1].3[0]);
+    let [a, b] = first_loss;
     let loss_diff = (a - b).abs() / a.abs().max(1e-12);
     Ok(StepTimes {
-        elementwise_s: runs[0].2 / steps.max(1) as f64,
-        fused_s: runs[1].2 / steps.max(1) as f64,
+        elementwise_s: secs[0] / steps.max(1) as f64,
+        fused_s: secs[1] / steps.max(1) as f64,
         loss_diff,
     })
 }

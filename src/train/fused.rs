@@ -233,9 +233,15 @@ fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
     y.iter_mut().zip(x).for_each(|(y, x)| *y += alpha * x);
 }
 
+/// The values of token `t`'s head that starts at column `off` and is `hd` wide, in rows `h`
+/// wide.
+fn head_cols(t: usize, h: usize, off: usize, hd: usize) -> std::ops::Range<usize> {
+    t * h + off..t * h + off + hd
+}
+
 impl Attention {
-    /// The attention weights of head `hd_off` (column offset, `hd` wide) of one text: `p`
-    /// gets `seq × seq` values, row `t` the weights of query token `t`.
+    /// The attention weights of the head at column `off` (`hd` wide) of one text: `p` gets
+    /// `seq × seq` values, row `t` the weights of query token `t`.
     #[allow(clippy::too_many_arguments)]
     fn weights(
         &self,
@@ -249,12 +255,12 @@ impl Attention {
     ) {
         let seq = self.seq;
         for t in 0..seq {
-            let qt = &q[t * h + off..t * h + off + hd];
+            let qt = &q[head_cols(t, h, off, hd)];
             let row = &mut p[t * seq..(t + 1) * seq];
             let mut max = f32::NEG_INFINITY;
             for u in 0..seq {
                 if m[u] > 0.0 {
-                    let s = dot(qt, &k[u * h + off..u * h + off + hd]) * self.scale;
+                    let s = dot(qt, &k[head_cols(u, h, off, hd)]) * self.scale;
                     row[u] = s;
                     max = max.max(s);
                 }
@@ -304,11 +310,11 @@ impl CustomOp3 for Attention {
                 let off = head * hd;
                 self.weights(q, k, m, h, off, hd, &mut p);
                 for t in 0..seq {
-                    let o = &mut out[t * h + off..t * h + off + hd];
+                    let o = &mut out[head_cols(t, h, off, hd)];
                     for u in 0..seq {
                         let w = p[t * seq + u];
                         if w != 0.0 {
-                            axpy(w, &v[u * h + off..u * h + off + hd], o);
+                            axpy(w, &v[head_cols(u, h, off, hd)], o);
                         }
                     }
                 }
@@ -349,7 +355,7 @@ impl CustomOp3 for Attention {
                 let mut ds = vec![0f32; seq];
                 for head in 0..heads {
                     let off = head * hd;
-                    let col = |t: usize| t * h + off..t * h + off + hd;
+                    let col = |t: usize| head_cols(t, h, off, hd);
                     self.weights(q, k, m, h, off, hd, &mut p);
                     for t in 0..seq {
                         let gt = &g[col(t)];
