@@ -496,11 +496,8 @@ pub fn bench_steps(
     let dims = file.dims;
     let from = dims.layers - layers.clamp(1, dims.layers);
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-    let uniform = |rng: &mut rand::rngs::StdRng, n: usize| -> Vec<f32> {
-        (0..n).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect()
-    };
     let x = Tensor::from_vec(
-        uniform(&mut rng, batch * seq * dims.hidden),
+        trainer::uniform(&mut rng, batch * seq * dims.hidden, 1.0),
         (batch, seq, dims.hidden),
         &Device::Cpu,
     )?;
@@ -511,7 +508,7 @@ pub fn bench_steps(
         .collect();
     let mask = Tensor::from_vec(mask, (batch, seq), &Device::Cpu)?;
     let target = Tensor::from_vec(
-        uniform(&mut rng, batch * dims.hidden),
+        trainer::uniform(&mut rng, batch * dims.hidden, 1.0),
         (batch, dims.hidden),
         &Device::Cpu,
     )?;

@@ -102,7 +102,8 @@ pub struct Trained {
     pub best_dev_f1: f64,
 }
 
-fn uniform(rng: &mut rand::rngs::StdRng, n: usize, bound: f32) -> Vec<f32> {
+/// `n` draws from U(-bound, bound).
+pub(super) fn uniform(rng: &mut rand::rngs::StdRng, n: usize, bound: f32) -> Vec<f32> {
     (0..n).map(|_| rng.random_range(-bound..bound)).collect()
 }
 
