@@ -323,15 +323,29 @@ fn extract(varmap: &VarMap, dims: &Dims, from: usize) -> Result<Vec<(usize, Laye
         .collect()
 }
 
-/// Unsafe probabilities of `idx` under the current weights, in batches, without dropout.
+/// Unsafe probabilities of `idx` under the current weights, without dropout, in the order of
+/// `idx`. The items are batched shortest first, so that a batch pads little: in dev order a
+/// batch of short queries pads to its one long comment. Attention skips padding, so the
+/// batching does not change any item's result (see the tests), only the time.
 fn probs(top: &Top, heads: &Heads, states: &TokenStates, idx: &[usize]) -> Result<Vec<f32>> {
-    let mut out = Vec::with_capacity(idx.len());
-    for chunk in idx.chunks(64) {
-        let (x, m) = states.batch(chunk, &Device::Cpu)?;
+    let mut out = vec![0f32; idx.len()];
+    for chunk in by_length(&states.lens, idx).chunks(64) {
+        let items: Vec<usize> = chunk.iter().map(|&p| idx[p]).collect();
+        let (x, m) = states.batch(&items, &Device::Cpu)?;
         let emb = top.forward(&x, &m)?.detach();
-        out.extend(trainer::unsafe_probs(heads, &emb)?);
+        for (&p, prob) in chunk.iter().zip(trainer::unsafe_probs(heads, &emb)?) {
+            out[p] = prob;
+        }
     }
     Ok(out)
+}
+
+/// Positions in `idx` ordered by the token count of their item, shortest first (ties keep
+/// their order).
+fn by_length(lens: &[usize], idx: &[usize]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..idx.len()).collect();
+    order.sort_by_key(|&p| lens[idx[p]]);
+    order
 }
 
 /// Batches of similar length (less padding), in a seeded random order.
@@ -558,4 +572,101 @@ pub fn bench_steps(
         fused_s: secs[1] / steps.max(1) as f64,
         loss_diff,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two small random layers (hidden 16, 2 heads) with the fused kernels training uses.
+    fn random_top(seed: u64) -> Top {
+        let dims = Dims {
+            hidden: 16,
+            layers: 2,
+            heads: 2,
+            ffn: 32,
+            vocab: 1,
+            max_positions: 64,
+            token_types: 1,
+            pad_id: 0,
+        };
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut tensor = |n: usize, shape: &[usize], around: f32| {
+            let v: Vec<f32> = trainer::uniform(&mut rng, n, 0.3)
+                .into_iter()
+                .map(|x| around + x)
+                .collect();
+            Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+        };
+        let layers = (0..dims.layers)
+            .map(|_| VarLayer {
+                vars: layer_shapes(&dims)
+                    .into_iter()
+                    .map(|(_, rows, cols)| {
+                        // Layer-norm gains (no columns) start near 1, like pretrained ones.
+                        let w = if cols == 0 {
+                            tensor(rows, &[rows], 1.0)
+                        } else {
+                            tensor(rows * cols, &[rows, cols], 0.0)
+                        };
+                        (w, tensor(rows, &[rows], 0.0))
+                    })
+                    .collect(),
+            })
+            .collect();
+        Top {
+            layers,
+            dims,
+            eps: 1e-12,
+            kernels: Kernels::Fused,
+        }
+    }
+
+    fn random_states(lens: &[usize], hidden: usize, seed: u64) -> TokenStates {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let offsets = lens
+            .iter()
+            .scan(0, |at, &n| {
+                *at += n;
+                Some(*at - n)
+            })
+            .collect();
+        let rows: usize = lens.iter().sum();
+        TokenStates {
+            hidden,
+            offsets,
+            lens: lens.to_vec(),
+            data: trainer::uniform(&mut rng, rows * hidden, 1.0),
+        }
+    }
+
+    #[test]
+    fn a_text_embeds_the_same_alone_and_padded_into_a_batch() {
+        // `probs` batches dev items by length instead of in dev order; that is only sound
+        // because padding leaves every real token's result unchanged.
+        let top = random_top(3);
+        let lens = [1, 9, 4, 17, 2];
+        let states = random_states(&lens, 16, 5);
+        let all: Vec<usize> = (0..lens.len()).collect();
+        let (x, m) = states.batch(&all, &Device::Cpu).unwrap();
+        let batched = top.forward(&x, &m).unwrap().to_vec2::<f32>().unwrap();
+        for i in all {
+            let (x, m) = states.batch(&[i], &Device::Cpu).unwrap();
+            let alone = top.forward(&x, &m).unwrap().to_vec2::<f32>().unwrap();
+            for (a, b) in alone[0].iter().zip(&batched[i]) {
+                assert!(
+                    (a - b).abs() <= 1e-6,
+                    "text {i}: {a} alone, {b} in the batch"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn by_length_puts_short_items_first_and_keeps_ties_in_order() {
+        let lens = [5, 2, 9, 2, 7];
+        // Positions 0..5 hold items of 7, 2, 9, 2 and 5 tokens.
+        let idx = [4, 3, 2, 1, 0];
+        assert_eq!(by_length(&lens, &idx), vec![1, 3, 4, 0, 2]);
+    }
 }
