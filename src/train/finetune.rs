@@ -326,7 +326,7 @@ fn extract(varmap: &VarMap, dims: &Dims, from: usize) -> Result<Vec<(usize, Laye
 /// Unsafe probabilities of `idx` under the current weights, without dropout, in the order of
 /// `idx`. The items are batched shortest first, so that a batch pads little: in dev order a
 /// batch of short queries pads to its one long comment. Attention skips padding, so the
-/// batching does not change any item's result (see the tests), only the time.
+/// batching changes no item's result beyond rounding (see the tests), only the time.
 fn probs(top: &Top, heads: &Heads, states: &TokenStates, idx: &[usize]) -> Result<Vec<f32>> {
     let mut out = vec![0f32; idx.len()];
     for chunk in by_length(&states.lens, idx).chunks(64) {
