@@ -173,9 +173,13 @@ struct VarLayer {
 }
 
 impl VarLayer {
-    fn linear(&self, i: usize, x: &Tensor) -> candle_core::Result<Tensor> {
+    fn linear(&self, i: usize, x: &Tensor, kernels: Kernels) -> candle_core::Result<Tensor> {
         let (w, b) = &self.vars[i];
-        x.matmul(&w.t()?)?.broadcast_add(b)
+        let y = x.matmul(&w.t()?)?;
+        match kernels {
+            Kernels::Fused => fused::add_bias(&y, b),
+            Kernels::Elementwise => y.broadcast_add(b),
+        }
     }
 
     fn norm(
@@ -225,9 +229,14 @@ impl Top {
         let hd = h / heads;
         let scale = 1.0 / (hd as f64).sqrt();
         let mut x = x.reshape((b * seq, h))?;
+        let kn = self.kernels;
         for l in &self.layers {
-            let (q, k, v) = (l.linear(0, &x)?, l.linear(1, &x)?, l.linear(2, &x)?);
-            let ctx = match self.kernels {
+            let (q, k, v) = (
+                l.linear(0, &x, kn)?,
+                l.linear(1, &x, kn)?,
+                l.linear(2, &x, kn)?,
+            );
+            let ctx = match kn {
                 Kernels::Fused => fused::attention(&q, &k, &v, mask, heads, scale)?,
                 Kernels::Elementwise => {
                     let split = |t: Tensor| -> candle_core::Result<Tensor> {
@@ -245,15 +254,15 @@ impl Top {
                         .reshape((b * seq, h))?
                 }
             };
-            let attn = l.linear(3, &ctx)?;
-            x = l.norm(4, &(attn + &x)?, self.eps, self.kernels)?;
-            let ff = l.linear(5, &x)?;
-            let ff = match self.kernels {
+            let attn = l.linear(3, &ctx, kn)?;
+            x = l.norm(4, &(attn + &x)?, self.eps, kn)?;
+            let ff = l.linear(5, &x, kn)?;
+            let ff = match kn {
                 Kernels::Fused => fused::gelu_erf(&ff)?,
                 Kernels::Elementwise => ff.gelu_erf()?,
             };
-            let ff = l.linear(6, &ff)?;
-            x = l.norm(7, &(ff + &x)?, self.eps, self.kernels)?;
+            let ff = l.linear(6, &ff, kn)?;
+            x = l.norm(7, &(ff + &x)?, self.eps, kn)?;
         }
         let x = x.reshape((b, seq, h))?;
         let m = mask.unsqueeze(2)?;
