@@ -31,6 +31,11 @@ fn to_vec(t: &Tensor) -> candle_core::Result<Vec<f32>> {
     t.flatten_all()?.to_vec1::<f32>()
 }
 
+/// `acc[i] += x[i]`: how a bias is added to a row, and how partial sums over rows merge.
+fn add_into(acc: &mut [f32], x: &[f32]) {
+    acc.iter_mut().zip(x).for_each(|(a, x)| *a += x);
+}
+
 fn last_dim(l: &Layout) -> usize {
     l.shape().dims().last().copied().unwrap_or(1).max(1)
 }
@@ -77,7 +82,7 @@ impl CustomOp2 for BiasAdd {
         let mut y = x.to_vec();
         y.par_chunks_mut(n * ROWS_PER_TASK).for_each(|rows| {
             for row in rows.chunks_mut(n) {
-                row.iter_mut().zip(b).for_each(|(y, b)| *y += b);
+                add_into(row, b);
             }
         });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
@@ -99,14 +104,14 @@ impl CustomOp2 for BiasAdd {
             .map(|rows| {
                 let mut sum = vec![0f32; n];
                 for row in rows.chunks(n) {
-                    sum.iter_mut().zip(row).for_each(|(s, g)| *s += g);
+                    add_into(&mut sum, row);
                 }
                 sum
             })
             .collect();
         let mut db = vec![0f32; n];
-        for p in partials {
-            db.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+        for p in &partials {
+            add_into(&mut db, p);
         }
         Ok((
             Some(grad.clone()),
@@ -203,9 +208,9 @@ impl CustomOp3 for LayerNorm {
             .collect();
         let mut dw = vec![0f32; h];
         let mut db = vec![0f32; h];
-        for (pw, pb) in partials {
-            dw.iter_mut().zip(pw).for_each(|(a, b)| *a += b);
-            db.iter_mut().zip(pb).for_each(|(a, b)| *a += b);
+        for (pw, pb) in &partials {
+            add_into(&mut dw, pw);
+            add_into(&mut db, pb);
         }
         let dev = x.device();
         Ok((
