@@ -251,6 +251,10 @@ struct TrainArgs {
     /// Learning rate of the tuned encoder layers.
     #[arg(long, env = "GUARDIAN_TRAIN_TUNE_LR", default_value_t = TuneOptions::default().encoder_lr)]
     tune_lr: f64,
+    /// Layer-wise learning-rate decay: each tuned layer learns at this factor of the rate of
+    /// the layer above it (the top one at --tune-lr; 1 gives every layer --tune-lr).
+    #[arg(long, env = "GUARDIAN_TRAIN_TUNE_LAYER_DECAY", default_value_t = TuneOptions::default().layer_decay)]
+    tune_layer_decay: f64,
     /// Learning rate of the heads while fine-tuning.
     #[arg(long, env = "GUARDIAN_TRAIN_TUNE_HEADS_LR", default_value_t = TuneOptions::default().heads_lr)]
     tune_heads_lr: f64,
@@ -503,6 +507,7 @@ fn run(cli: Cli) -> Result<i32> {
                     batch_size: a.tune_batch.max(1),
                     encoder_lr: a.tune_lr,
                     heads_lr: a.tune_heads_lr,
+                    layer_decay: a.tune_layer_decay,
                 },
                 lexical: !a.no_lexical,
                 spec: cfg.model_spec(),
@@ -517,6 +522,9 @@ fn run(cli: Cli) -> Result<i32> {
                 && job.options.hard_negative_weight > 0.0)
             {
                 bail!("--hard-negative-weight must be a positive number (1 weighs hard negatives like any other item)");
+            }
+            if !(job.tune.layer_decay > 0.0 && job.tune.layer_decay <= 1.0) {
+                bail!("--tune-layer-decay must be in (0, 1] (1 tunes every layer at --tune-lr)");
             }
             if !(job.train_subsample > 0.0 && job.train_subsample <= 1.0) {
                 bail!("--train-subsample must be in (0, 1]");

@@ -291,6 +291,26 @@ fn clear_errors_for_missing_models_and_bad_config() {
 
     let o = guardian(&["--device", "tpu:0", "screen"], Some(b"x\n"));
     assert!(stderr(&o).contains("model.device"), "{}", stderr(&o));
+
+    // Checked before any data is read or model loaded.
+    for decay in ["0", "1.5"] {
+        let o = guardian(
+            &[
+                "train",
+                "--data",
+                "nonexistent.jsonl",
+                "--tune-layer-decay",
+                decay,
+            ],
+            None,
+        );
+        assert_eq!(o.status.code(), Some(1));
+        assert!(
+            stderr(&o).contains("--tune-layer-decay must be in (0, 1]"),
+            "{}",
+            stderr(&o)
+        );
+    }
 }
 
 #[test]

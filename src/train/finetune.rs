@@ -31,6 +31,10 @@ pub struct TuneOptions {
     pub encoder_lr: f64,
     /// Learning rate of the heads (already trained on frozen embeddings).
     pub heads_lr: f64,
+    /// Layer-wise learning-rate decay: the top tuned layer learns at `encoder_lr`, each layer
+    /// below at this factor of the one above it (1: every layer at `encoder_lr`). Below 1 it
+    /// keeps the lower layers closer to the pretrained multilingual encoder.
+    pub layer_decay: f64,
 }
 
 impl Default for TuneOptions {
@@ -41,6 +45,7 @@ impl Default for TuneOptions {
             batch_size: 32,
             encoder_lr: 2e-4,
             heads_lr: 2e-4,
+            layer_decay: 1.0,
         }
     }
 }
@@ -380,6 +385,14 @@ fn length_batches(
     batches
 }
 
+/// The learning rate of each tuned layer `from .. layers`, bottom first: the top one at
+/// `encoder_lr`, each below it `layer_decay` times the one above.
+fn layer_learning_rates(opts: &TuneOptions, from: usize, layers: usize) -> Vec<f64> {
+    (from..layers)
+        .map(|l| opts.encoder_lr * opts.layer_decay.powi((layers - 1 - l) as i32))
+        .collect()
+}
+
 /// Tunes layers `file.dims.layers - opts.layers ..` and the heads in `varmap` (already
 /// trained on frozen embeddings) on cached token states. `train`/`dev` index `states`.
 #[allow(clippy::too_many_arguments)]
@@ -399,11 +412,18 @@ pub fn tune(
     let mut rng = rand::rngs::StdRng::seed_from_u64(base.seed ^ 0x7475_6e65);
     let heads_vars = varmap.all_vars();
     let layers = add_layers(varmap, file, from)?;
-    let enc_vars: Vec<Var> = {
+    // One optimizer per tuned layer, each with its share of the encoder learning rate.
+    let layer_lr = layer_learning_rates(opts, from, dims.layers);
+    let enc_vars: Vec<Vec<Var>> = {
         let data = varmap.data().lock().expect("varmap lock");
-        data.iter()
-            .filter(|(k, _)| k.starts_with(PREFIX))
-            .map(|(_, v)| v.clone())
+        (from..dims.layers)
+            .map(|l| {
+                let own = format!("{PREFIX}.l{l}.");
+                data.iter()
+                    .filter(|(k, _)| k.starts_with(&own))
+                    .map(|(_, v)| v.clone())
+                    .collect()
+            })
             .collect()
     };
     let top = Top {
@@ -419,7 +439,11 @@ pub fn tune(
         weight_decay: base.weight_decay,
         ..Default::default()
     };
-    let mut opt_enc = fused::AdamW::new(enc_vars, params(opts.encoder_lr));
+    let mut opt_enc: Vec<fused::AdamW> = enc_vars
+        .into_iter()
+        .zip(&layer_lr)
+        .map(|(vars, &lr)| fused::AdamW::new(vars, params(lr)))
+        .collect();
     let mut opt_heads = fused::AdamW::new(heads_vars, params(opts.heads_lr));
 
     let dev_idx: Vec<usize> = dev.iter().map(|d| d.0).collect();
@@ -444,7 +468,9 @@ pub fn tune(
             } else {
                 ((total_steps - step) / (total_steps - warm)).max(0.02)
             };
-            opt_enc.set_learning_rate(opts.encoder_lr * f);
+            for (opt, lr) in opt_enc.iter_mut().zip(&layer_lr) {
+                opt.set_learning_rate(lr * f);
+            }
             opt_heads.set_learning_rate(opts.heads_lr * f);
             let (x, m) = states.batch(&batch, &Device::Cpu)?;
             let emb = top.forward(&x, &m)?;
@@ -459,7 +485,9 @@ pub fn tune(
             let t: Vec<Target> = batch.iter().map(|i| target_of[i]).collect();
             let loss = weights.joint_loss(&u, &c, &t, base.category_weight)?;
             let grads = loss.backward()?;
-            opt_enc.step(&grads)?;
+            for opt in opt_enc.iter_mut() {
+                opt.step(&grads)?;
+            }
             opt_heads.step(&grads)?;
             step += 1.0;
             progress.inc(1);
@@ -669,6 +697,26 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn layer_decay_shrinks_the_rate_going_down_from_the_top_layer() {
+        let opts = TuneOptions {
+            encoder_lr: 2e-4,
+            layer_decay: 0.5,
+            ..Default::default()
+        };
+        let lr = layer_learning_rates(&opts, 9, 12);
+        let want = [0.5e-4, 1e-4, 2e-4];
+        assert_eq!(lr.len(), want.len(), "{lr:?}");
+        for (got, want) in lr.iter().zip(want) {
+            assert!((got - want).abs() < 1e-12, "{lr:?}");
+        }
+        let flat = layer_learning_rates(&TuneOptions::default(), 6, 12);
+        assert!(
+            flat.iter().all(|&r| r == TuneOptions::default().encoder_lr),
+            "{flat:?}"
+        );
     }
 
     #[test]

@@ -573,7 +573,7 @@ fn model_card(
             job.tune.encoder_lr,
             job.tune.heads_lr,
             tune_epoch
-        )
+        ) + &layer_decay_text(job.tune.layer_decay)
     };
     let lexical_text = match &meta.lexical {
         Some(l) => format!(
@@ -612,6 +612,11 @@ fn model_card(
             " --tune-layers {} --tune-epochs {}",
             job.tune.layers, job.tune.epochs
         )
+    };
+    let tune_flags = if job.tune.layers > 0 && job.tune.layer_decay != 1.0 {
+        tune_flags + &format!(" --tune-layer-decay {}", job.tune.layer_decay)
+    } else {
+        tune_flags
     };
     let tune_flags = if job.lexical {
         tune_flags
@@ -660,4 +665,17 @@ fn model_card(
         ntest = counts[2],
         report = dev.render(),
     )
+}
+
+/// The model card's sentence on layer-wise learning-rate decay; empty at 1, the default, so
+/// cards of models trained without it read as they always did.
+fn layer_decay_text(decay: f64) -> String {
+    if decay == 1.0 {
+        String::new()
+    } else {
+        format!(
+            " Layer-wise learning-rate decay {decay}: each tuned layer learned at {decay} of the \
+             rate of the layer above it."
+        )
+    }
 }
