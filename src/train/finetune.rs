@@ -295,13 +295,15 @@ fn var_name(l: usize, name: &str, part: &str) -> String {
     format!("{PREFIX}.l{l}.{name}.{part}")
 }
 
-/// Adds the pretrained layers `from..` to `varmap` as variables and returns them.
-fn add_layers(varmap: &VarMap, file: &E5s1, from: usize) -> Result<Vec<VarLayer>> {
+/// Adds the pretrained layers `from..` to `varmap` as variables and returns them, each with
+/// its own variables (for a per-layer optimizer).
+fn add_layers(varmap: &VarMap, file: &E5s1, from: usize) -> Result<Vec<(VarLayer, Vec<Var>)>> {
     let d = file.dims;
     let mut out = Vec::new();
     for l in from..d.layers {
         let w = LayerWeights::from_e5s1(file, l)?;
         let mut vars = Vec::new();
+        let mut own = Vec::new();
         let mut data = varmap.data().lock().expect("varmap lock");
         for ((name, rows, cols), p) in layer_shapes(&d).into_iter().zip(w.parts()) {
             let wt = if cols == 0 {
@@ -312,10 +314,11 @@ fn add_layers(varmap: &VarMap, file: &E5s1, from: usize) -> Result<Vec<VarLayer>
             let bt = Tensor::from_slice(&p.1, rows, &Device::Cpu)?;
             let (wv, bv) = (Var::from_tensor(&wt)?, Var::from_tensor(&bt)?);
             vars.push((wv.as_tensor().clone(), bv.as_tensor().clone()));
+            own.extend([wv.clone(), bv.clone()]);
             data.insert(var_name(l, name, "w"), wv);
             data.insert(var_name(l, name, "b"), bv);
         }
-        out.push(VarLayer { vars });
+        out.push((VarLayer { vars }, own));
     }
     Ok(out)
 }
@@ -411,21 +414,10 @@ pub fn tune(
     let from = dims.layers - opts.layers.min(dims.layers);
     let mut rng = rand::rngs::StdRng::seed_from_u64(base.seed ^ 0x7475_6e65);
     let heads_vars = varmap.all_vars();
-    let layers = add_layers(varmap, file, from)?;
+    let (layers, enc_vars): (Vec<VarLayer>, Vec<Vec<Var>>) =
+        add_layers(varmap, file, from)?.into_iter().unzip();
     // One optimizer per tuned layer, each with its share of the encoder learning rate.
     let layer_lr = layer_learning_rates(opts, from, dims.layers);
-    let enc_vars: Vec<Vec<Var>> = {
-        let data = varmap.data().lock().expect("varmap lock");
-        (from..dims.layers)
-            .map(|l| {
-                let own = format!("{PREFIX}.l{l}.");
-                data.iter()
-                    .filter(|(k, _)| k.starts_with(&own))
-                    .map(|(_, v)| v.clone())
-                    .collect()
-            })
-            .collect()
-    };
     let top = Top {
         layers,
         dims,
@@ -565,7 +557,10 @@ pub fn bench_steps(
     )?;
     let top = |kernels| -> Result<(Top, VarMap)> {
         let varmap = VarMap::new();
-        let layers = add_layers(&varmap, file, from)?;
+        let layers = add_layers(&varmap, file, from)?
+            .into_iter()
+            .map(|(layer, _)| layer)
+            .collect();
         let eps = file.layer_norm_eps;
         Ok((
             Top {
