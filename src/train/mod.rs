@@ -608,15 +608,15 @@ fn model_card(
     let tune_flags = if job.tune.layers == 0 {
         String::new()
     } else {
+        let decay = if job.tune.layer_decay == 1.0 {
+            String::new()
+        } else {
+            format!(" --tune-layer-decay {}", job.tune.layer_decay)
+        };
         format!(
-            " --tune-layers {} --tune-epochs {}",
+            " --tune-layers {} --tune-epochs {}{decay}",
             job.tune.layers, job.tune.epochs
         )
-    };
-    let tune_flags = if job.tune.layers > 0 && job.tune.layer_decay != 1.0 {
-        tune_flags + &format!(" --tune-layer-decay {}", job.tune.layer_decay)
-    } else {
-        tune_flags
     };
     let tune_flags = if job.lexical {
         tune_flags
