@@ -265,6 +265,15 @@ struct TrainArgs {
     /// into the unsafe score with the weight that does best on dev).
     #[arg(long, env = "GUARDIAN_TRAIN_NO_LEXICAL")]
     no_lexical: bool,
+    /// Refit: train on the train and dev splits together, taking the thresholds and the
+    /// lexical blend weight from the heads.json in this directory (a run on train alone, whose
+    /// choices dev made) and keeping the last fine-tuning epoch. Pass that run's --epochs,
+    /// --tune-epochs (its kept one) and, as --keep-epoch, its best heads epoch.
+    #[arg(long, env = "GUARDIAN_TRAIN_REFIT_FROM", value_name = "DIR")]
+    refit_from: Option<PathBuf>,
+    /// Keep this heads epoch of the --epochs schedule instead of the one dev likes best.
+    #[arg(long, env = "GUARDIAN_TRAIN_KEEP_EPOCH")]
+    keep_epoch: Option<usize>,
 }
 
 #[derive(Args)]
@@ -499,6 +508,7 @@ fn run(cli: Cli) -> Result<i32> {
                     trunk: a.trunk,
                     learning_rate: a.lr,
                     hard_negative_weight: a.hard_negative_weight,
+                    keep_epoch: a.keep_epoch,
                     ..Default::default()
                 },
                 tune: TuneOptions {
@@ -508,9 +518,16 @@ fn run(cli: Cli) -> Result<i32> {
                     encoder_lr: a.tune_lr,
                     heads_lr: a.tune_heads_lr,
                     layer_decay: a.tune_layer_decay,
+                    keep_last: a.refit_from.is_some(),
                 },
                 lexical: !a.no_lexical,
                 spec: cfg.model_spec(),
+                refit: a
+                    .refit_from
+                    .as_deref()
+                    .map(guardian::train::Refit::from_dir)
+                    .transpose()
+                    .context("--refit-from needs the heads directory of a run on train alone")?,
             };
             if !(0.0..0.5).contains(&job.dev_fraction)
                 || !(0.0..0.5).contains(&job.test_fraction)
@@ -529,10 +546,22 @@ fn run(cli: Cli) -> Result<i32> {
             if !(job.train_subsample > 0.0 && job.train_subsample <= 1.0) {
                 bail!("--train-subsample must be in (0, 1]");
             }
+            if job
+                .options
+                .keep_epoch
+                .is_some_and(|k| k == 0 || k > job.options.epochs)
+            {
+                bail!("--keep-epoch must be between 1 and --epochs");
+            }
             let out = guardian::train::run(&job)?;
             println!("{}", out.dev.render());
             println!(
-                "unsafe threshold (dev-calibrated): {:.2}; heads written to {}",
+                "unsafe threshold ({}): {:.2}; heads written to {}",
+                if job.refit.is_some() {
+                    "from the selection run"
+                } else {
+                    "dev-calibrated"
+                },
                 out.threshold,
                 job.out.display()
             );

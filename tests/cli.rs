@@ -536,6 +536,77 @@ fn train_writes_heads_that_screen_can_load_and_is_reproducible() {
 }
 
 #[test]
+fn a_refit_trains_on_dev_too_and_takes_its_thresholds_from_the_selection_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = small_training_set(dir.path());
+    let sel = dir.path().join("selection");
+    let o = train_small(&data, &sel, &["--tune-layers", "0"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // A threshold dev would not choose, so taking it over is visible.
+    let meta_path = sel.join("heads.json");
+    let mut meta: Value =
+        serde_json::from_str(&std::fs::read_to_string(&meta_path).unwrap()).unwrap();
+    meta["unsafe_threshold"] = serde_json::json!(0.77);
+    meta["category_thresholds"] = serde_json::json!({"self_harm_suicide": 0.12});
+    std::fs::write(&meta_path, serde_json::to_string(&meta).unwrap()).unwrap();
+
+    let refit = dir.path().join("refit");
+    let sel_arg = sel.to_str().unwrap();
+    let flags = [
+        "--tune-layers",
+        "0",
+        "--refit-from",
+        sel_arg,
+        "--keep-epoch",
+        "3",
+    ];
+    let o = train_small(&data, &refit, &flags);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let got: Value =
+        serde_json::from_str(&std::fs::read_to_string(refit.join("heads.json")).unwrap()).unwrap();
+    assert_eq!(got["unsafe_threshold"], serde_json::json!(0.77), "{got}");
+    assert_eq!(
+        got["category_thresholds"],
+        serde_json::json!({"self_harm_suicide": 0.12}),
+        "{got}"
+    );
+    let examples = |card: &str| -> Vec<usize> {
+        let line = card.lines().find(|l| l.starts_with("Examples:")).unwrap();
+        line.split(|c: char| !c.is_ascii_digit())
+            .filter(|w| !w.is_empty())
+            .map(|w| w.parse().unwrap())
+            .collect()
+    };
+    let sel_card = std::fs::read_to_string(sel.join("MODEL_CARD.md")).unwrap();
+    let card = std::fs::read_to_string(refit.join("MODEL_CARD.md")).unwrap();
+    let (a, b) = (examples(&sel_card), examples(&card));
+    assert_eq!(b[0], a[0] + a[1], "dev joins train: {a:?} -> {b:?}");
+    assert_eq!(b[1..], a[1..], "the splits themselves do not move");
+    assert!(
+        card.contains(&format!("--refit-from {sel_arg} --keep-epoch 3"))
+            && card.contains("kept: 3, as selected")
+            && card.contains("in-sample"),
+        "{card}"
+    );
+    assert_ne!(
+        std::fs::read(sel.join("heads.safetensors")).unwrap(),
+        std::fs::read(refit.join("heads.safetensors")).unwrap()
+    );
+
+    let o = train_small(&data, &refit, &["--keep-epoch", "6"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("--keep-epoch must be between 1 and --epochs"),
+        "{}",
+        stderr(&o)
+    );
+    let missing = dir.path().join("nowhere");
+    let o = train_small(&data, &refit, &["--refit-from", missing.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("--refit-from"), "{}", stderr(&o));
+}
+
+#[test]
 fn fine_tuned_layers_ship_in_the_heads_file_and_screening_reproduces_the_dev_score() {
     let dir = tempfile::tempdir().unwrap();
     let data = small_training_set(dir.path());

@@ -35,6 +35,9 @@ pub struct TuneOptions {
     /// below at this factor of the one above it (1: every layer at `encoder_lr`). Below 1 it
     /// keeps the lower layers closer to the pretrained multilingual encoder.
     pub layer_decay: f64,
+    /// Keep the last epoch instead of the one with the best dev F1: for a refit, where dev is
+    /// in the training data and cannot choose.
+    pub keep_last: bool,
 }
 
 impl Default for TuneOptions {
@@ -46,6 +49,7 @@ impl Default for TuneOptions {
             encoder_lr: 2e-4,
             heads_lr: 2e-4,
             layer_decay: 1.0,
+            keep_last: false,
         }
     }
 }
@@ -491,7 +495,12 @@ pub fn tune(
             best.1,
             started.elapsed().as_secs_f64()
         );
-        if f1 > best.1 {
+        let keep = if opts.keep_last {
+            epoch == opts.epochs
+        } else {
+            f1 > best.1
+        };
+        if keep {
             best = (epoch, f1, trainer::snapshot(varmap)?);
         }
         progress.set_message(format!("epoch {epoch}: dev weighted F1 {f1:.4}"));

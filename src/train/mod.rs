@@ -39,6 +39,48 @@ pub struct TrainJob {
     /// Fit the lexical model and blend it in where that gains on dev.
     pub lexical: bool,
     pub spec: ModelSpec,
+    /// Fold dev into the training data, taking every choice dev would make from a run trained
+    /// on train alone (`None`: train on train, choose on dev).
+    pub refit: Option<Refit>,
+}
+
+/// The choices of a selection run (trained on the train split, chosen on dev) that a refit on
+/// train and dev together takes as given: once dev is training data it cannot choose. The heads
+/// epoch kept is `TrainOptions::keep_epoch`; fine-tuning keeps its last epoch.
+pub struct Refit {
+    /// The selection run's heads directory, for the model card.
+    pub from: PathBuf,
+    /// Its heads.json: unsafe threshold, per-category thresholds and lexical blend weight.
+    pub meta: HeadsMeta,
+}
+
+impl Refit {
+    /// Reads the choices from `dir/heads.json`.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let path = dir.join("heads.json");
+        let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        let meta: HeadsMeta = serde_json::from_slice(&bytes).map_err(|e| {
+            Error::Data(format!(
+                "{} is not a heads.json written by `guardian train`: {e}",
+                path.display()
+            ))
+        })?;
+        Ok(Self {
+            from: dir.to_path_buf(),
+            meta,
+        })
+    }
+
+    /// The selection run's thresholds, in `Category::ALL` order.
+    fn thresholds(&self) -> [f32; Category::COUNT] {
+        Category::ALL.map(|c| {
+            self.meta
+                .category_thresholds
+                .get(c.id())
+                .copied()
+                .unwrap_or(self.meta.unsafe_threshold)
+        })
+    }
 }
 
 pub struct TrainOutcome {
@@ -137,6 +179,8 @@ pub fn run(job: &TrainJob) -> Result<TrainOutcome> {
 
     // Only train and dev items are embedded (test items are written out, not scored here). A
     // train subsample (seeded) serves quick comparisons, e.g. of backbones.
+    // A refit trains on dev too; dev is still scored, for the progress lines and the card.
+    let fits = |s: Split| s == Split::Train || (job.refit.is_some() && s == Split::Dev);
     let mut sub_rng = rand::rngs::StdRng::seed_from_u64(job.options.seed ^ 0x5eed);
     let used: Vec<usize> = (0..examples.len())
         .filter(|&i| match splits[i] {
@@ -147,7 +191,7 @@ pub fn run(job: &TrainJob) -> Result<TrainOutcome> {
             }
         })
         .collect();
-    let n_train_used = used.iter().filter(|&&i| splits[i] == Split::Train).count();
+    let n_train_used = used.iter().filter(|&&i| fits(splits[i])).count();
     if n_train_used < train.len() {
         eprintln!(
             "training on a subsample: {n_train_used} of {} train examples",
@@ -184,7 +228,12 @@ pub fn run(job: &TrainJob) -> Result<TrainOutcome> {
             .map(|(&i, v)| (v.clone(), trainer::Target::of(&examples[i], &job.options)))
             .unzip()
     };
-    let (train_x, train_y) = gather(Split::Train);
+    let (train_x, train_y): (Vec<Vec<f32>>, Vec<trainer::Target>) = used
+        .iter()
+        .zip(&all_x)
+        .filter(|(&i, _)| fits(splits[i]))
+        .map(|(&i, v)| (v.clone(), trainer::Target::of(&examples[i], &job.options)))
+        .unzip();
     let (dev_x, dev_y) = gather(Split::Dev);
 
     let meta = HeadsMeta {
@@ -219,9 +268,14 @@ pub fn run(job: &TrainJob) -> Result<TrainOutcome> {
                 .filter(move |(_, &i)| splits_r[i] == s)
                 .map(move |(p, &i)| (p, &examples_r[i]))
         };
-        let train_pairs: Vec<(usize, trainer::Target)> = indexed(Split::Train)
+        let mut train_pairs: Vec<(usize, trainer::Target)> = indexed(Split::Train)
             .map(|(p, e)| (p, trainer::Target::of(e, &job.options)))
             .collect();
+        if job.refit.is_some() {
+            train_pairs.extend(
+                indexed(Split::Dev).map(|(p, e)| (p, trainer::Target::of(e, &job.options))),
+            );
+        }
         let dev_pairs: Vec<(usize, Label)> =
             indexed(Split::Dev).map(|(p, e)| (p, e.label)).collect();
         let file = e5s1::E5s1::open(&fetch::models_dir(&job.spec.home).join(fetch::E5_WEIGHTS))?;
@@ -298,9 +352,13 @@ pub fn run(job: &TrainJob) -> Result<TrainOutcome> {
     if job.lexical {
         let train_items: Vec<&Example> = used
             .iter()
-            .filter(|&&i| splits[i] == Split::Train)
+            .filter(|&&i| fits(splits[i]))
             .map(|&i| &examples[i])
             .collect();
+        let blend = job
+            .refit
+            .as_ref()
+            .map(|r| r.meta.lexical.as_ref().map_or(0.0, |l| l.blend));
         let lex = fit_lexical(
             &embedder,
             &trained.heads,
@@ -309,6 +367,7 @@ pub fn run(job: &TrainJob) -> Result<TrainOutcome> {
             &dev_refs,
             &gold,
             &job.options,
+            blend,
         )?;
         if let Some(lex) = lex {
             lex_tensors = lex.to_tensors()?;
@@ -323,8 +382,13 @@ pub fn run(job: &TrainJob) -> Result<TrainOutcome> {
         .iter()
         .map(|s| top_index(&s.category_probs))
         .collect();
-    let (threshold, _) = trainer::calibrate(&probs, &gold);
-    let thresholds = trainer::calibrate_categories(&probs, &top, &gold, threshold);
+    let (threshold, thresholds) = match &job.refit {
+        Some(r) => (r.meta.unsafe_threshold, r.thresholds()),
+        None => {
+            let (t, _) = trainer::calibrate(&probs, &gold);
+            (t, trainer::calibrate_categories(&probs, &top, &gold, t))
+        }
+    };
     let dev_report = FullReport::build(&score_examples(&dev_scores, &dev, &thresholds));
 
     std::fs::create_dir_all(&job.out).map_err(|e| Error::io(&job.out, e))?;
@@ -382,8 +446,10 @@ pub fn run(job: &TrainJob) -> Result<TrainOutcome> {
 }
 
 /// Fits the lexical model on the train items and picks its blend weight: the one whose
-/// calibrated dev F1 is best, from 0 (no lexical model) to 2 in steps of 0.1. Returns the
-/// model as it will be stored (f16) with that weight, or `None` where 0 wins.
+/// calibrated dev F1 is best, from 0 (no lexical model) to 2 in steps of 0.1, unless `fixed`
+/// gives it (a refit). Returns the model as it will be stored (f16) with that weight, or
+/// `None` where the weight is 0.
+#[allow(clippy::too_many_arguments)]
 fn fit_lexical(
     embedder: &Embedder,
     heads: &crate::model::Heads,
@@ -392,6 +458,7 @@ fn fit_lexical(
     dev_ids: &[&[u32]],
     gold: &[Label],
     options: &TrainOptions,
+    fixed: Option<f32>,
 ) -> Result<Option<crate::model::lexical::Lexical>> {
     let started = std::time::Instant::now();
     let train_ids = train
@@ -436,8 +503,12 @@ fn fit_lexical(
         best.0,
         started.elapsed().as_secs_f64()
     );
-    lex.meta.blend = best.0;
-    Ok((best.0 > 0.0).then_some(lex))
+    let blend = fixed.unwrap_or(best.0);
+    if let Some(f) = fixed {
+        eprintln!("lexical blend weight {f:.1}, taken from the selection run");
+    }
+    lex.meta.blend = blend;
+    Ok((blend > 0.0).then_some(lex))
 }
 
 /// Token states after layer `from` and pooled embeddings of every text, from one encoder pass
@@ -578,9 +649,16 @@ fn model_card(
     let lexical_text = match &meta.lexical {
         Some(l) => format!(
             "lexical model: logistic regression on token 1-{}-grams hashed into {} buckets \
-             (sublinear tf-idf), fitted on the train split; its logit is added to the heads' \
+             (sublinear tf-idf), fitted on the {}; its logit is added to the heads' \
              unsafe logit with weight **{:.1}**, the weight with the best calibrated dev F1",
-            l.max_n, l.buckets, l.blend
+            l.max_n,
+            l.buckets,
+            if job.refit.is_some() {
+                "train and dev splits"
+            } else {
+                "train split"
+            },
+            l.blend
         ),
         None if job.lexical => {
             "lexical model: fitted, but no blend weight beat the heads alone on dev: not shipped"
@@ -623,6 +701,32 @@ fn model_card(
     } else {
         tune_flags + " --no-lexical"
     };
+    let tune_flags = match (&job.refit, o.keep_epoch) {
+        (Some(r), Some(k)) => format!(
+            "{tune_flags} --refit-from {} --keep-epoch {k}",
+            r.from.display()
+        ),
+        (Some(r), None) => format!("{tune_flags} --refit-from {}", r.from.display()),
+        (None, _) => tune_flags,
+    };
+    let (refit_text, dev_heading) = match &job.refit {
+        Some(r) => (
+            format!(
+                "\n\nRefit: dev was folded into the training data (the train count of \
+                 the Examples line includes it; the table keeps the splits apart). Every choice dev makes was taken from the selection run in `{}`, \
+                 trained on the train split alone: the heads epoch kept, the fine-tuning epochs, \
+                 the lexical blend weight and the thresholds.",
+                r.from.display()
+            ),
+            "## Dev-split scores (in-sample: dev is training data here; the held-out dev scores \
+             are those of the selection run)",
+        ),
+        None => (String::new(), "## Dev-split scores"),
+    };
+    let best_text = match (&job.refit, o.keep_epoch) {
+        (Some(_), Some(k)) => format!("kept: {k}, as selected"),
+        _ => format!("best: {best_epoch}"),
+    };
     format!(
         "# guardian heads: model card\n\n\
          Multi-task heads (shared trunk {trunk} + GELU, a safe/unsafe logit, a ten-way category softmax) on\n\
@@ -636,14 +740,14 @@ fn model_card(
            only go below the global threshold, so dev F1 never buys precision with their recall):\n\n\
          | category | threshold |\n|---|---|\n{cat_thresholds}\n\
          ## Training\n\n\
-         `guardian train --data {data} --out {out}{tune_flags}` — seed {seed}, {epochs} epochs (best: {best_epoch}), batch {batch},\n\
+         `guardian train --data {data} --out {out}{tune_flags}` — seed {seed}, {epochs} epochs ({best_text}), batch {batch},\n\
          AdamW lr {lr} (cosine), weight decay {wd}, dropout {dropout}, category loss weight {cw},\n\
          hard-negative loss weight {hnw} (heads, tuning and lexical model; classes balanced by weighted mass),\n\
          splits dev {devf} / test {testf} stratified by source, label, category and language.\n\
-         {tuning}\n\n\
+         {tuning}{refit_text}\n\n\
          Examples: {ntrain} train, {ndev} dev, {ntest} test.\n\n\
          | category | lang | train | dev | test |\n|---|---|---|---|---|\n{data_rows}\n\
-         ## Dev-split scores\n\n```\n{report}```\n",
+         {dev_heading}\n\n```\n{report}```\n",
         trunk = meta.trunk,
         encoder = meta.encoder,
         max_tokens = job.spec.max_tokens,

@@ -27,6 +27,9 @@ pub struct TrainOptions {
     /// over-refusal the paper measures.
     pub hard_negative_weight: f32,
     pub seed: u64,
+    /// Keep this epoch of the schedule instead of the one with the best dev F1 (and stop
+    /// there): for a refit, where dev is in the training data and cannot choose.
+    pub keep_epoch: Option<usize>,
 }
 
 impl Default for TrainOptions {
@@ -41,6 +44,7 @@ impl Default for TrainOptions {
             category_weight: 0.5,
             hard_negative_weight: 1.0,
             seed: 17,
+            keep_epoch: None,
         }
     }
 }
@@ -414,11 +418,19 @@ pub fn train(
         }
         let probs = unsafe_probs(&heads, &x_dev)?;
         let (_, f1) = calibrate(&probs, &dev_gold);
-        if best.as_ref().is_none_or(|b| f1 > b.1) {
-            best = Some((epoch, f1, snapshot(&varmap)?));
-        }
         progress.set_message(format!("epoch {epoch}: dev weighted F1 {f1:.4}"));
         progress.inc(1);
+        match opts.keep_epoch {
+            Some(keep) if keep == epoch => {
+                best = Some((epoch, f1, snapshot(&varmap)?));
+                break;
+            }
+            Some(_) => {}
+            None if best.as_ref().is_none_or(|b| f1 > b.1) => {
+                best = Some((epoch, f1, snapshot(&varmap)?));
+            }
+            None => {}
+        }
     }
     let (best_epoch, best_dev_f1, snapshot) = best.expect("at least one epoch");
     restore(&varmap, snapshot)?;
