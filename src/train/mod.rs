@@ -221,20 +221,15 @@ pub fn run(job: &TrainJob) -> Result<TrainOutcome> {
         started.elapsed().as_secs_f64()
     );
 
-    let gather = |s: Split| -> (Vec<Vec<f32>>, Vec<trainer::Target>) {
+    let gather = |keep: &dyn Fn(Split) -> bool| -> (Vec<Vec<f32>>, Vec<trainer::Target>) {
         used.iter()
             .zip(&all_x)
-            .filter(|(&i, _)| splits[i] == s)
+            .filter(|(&i, _)| keep(splits[i]))
             .map(|(&i, v)| (v.clone(), trainer::Target::of(&examples[i], &job.options)))
             .unzip()
     };
-    let (train_x, train_y): (Vec<Vec<f32>>, Vec<trainer::Target>) = used
-        .iter()
-        .zip(&all_x)
-        .filter(|(&i, _)| fits(splits[i]))
-        .map(|(&i, v)| (v.clone(), trainer::Target::of(&examples[i], &job.options)))
-        .unzip();
-    let (dev_x, dev_y) = gather(Split::Dev);
+    let (train_x, train_y) = gather(&fits);
+    let (dev_x, dev_y) = gather(&|s| s == Split::Dev);
 
     let meta = HeadsMeta {
         encoder: embedder.encoder_id.clone(),
@@ -712,10 +707,11 @@ fn model_card(
     let (refit_text, dev_heading) = match &job.refit {
         Some(r) => (
             format!(
-                "\n\nRefit: dev was folded into the training data (the train count of \
-                 the Examples line includes it; the table keeps the splits apart). Every choice dev makes was taken from the selection run in `{}`, \
-                 trained on the train split alone: the heads epoch kept, the fine-tuning epochs, \
-                 the lexical blend weight and the thresholds.",
+                "\n\nRefit: dev was folded into the training data (the train count of the \
+                 Examples line includes it; the table keeps the splits apart). Every choice dev \
+                 makes was taken from the selection run in `{}`, trained on the train split \
+                 alone: the heads epoch kept, the fine-tuning epochs, the lexical blend weight \
+                 and the thresholds.",
                 r.from.display()
             ),
             "## Dev-split scores (in-sample: dev is training data here; the held-out dev scores \
