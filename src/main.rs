@@ -518,7 +518,7 @@ fn run(cli: Cli) -> Result<i32> {
                     encoder_lr: a.tune_lr,
                     heads_lr: a.tune_heads_lr,
                     layer_decay: a.tune_layer_decay,
-                    keep_last: a.refit_from.is_some(),
+                    ..Default::default()
                 },
                 lexical: !a.no_lexical,
                 spec: cfg.model_spec(),

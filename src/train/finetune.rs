@@ -35,8 +35,8 @@ pub struct TuneOptions {
     /// below at this factor of the one above it (1: every layer at `encoder_lr`). Below 1 it
     /// keeps the lower layers closer to the pretrained multilingual encoder.
     pub layer_decay: f64,
-    /// Keep the last epoch instead of the one with the best dev F1: for a refit, where dev is
-    /// in the training data and cannot choose.
+    /// Keep the last epoch instead of the one with the best dev F1: set by `train::run` for a
+    /// refit, where dev is in the training data and cannot choose.
     pub keep_last: bool,
 }
 

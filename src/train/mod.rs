@@ -283,7 +283,10 @@ pub fn run(job: &TrainJob) -> Result<TrainOutcome> {
             &train_pairs,
             &dev_pairs,
             &job.options,
-            &job.tune,
+            &TuneOptions {
+                keep_last: job.refit.is_some(),
+                ..job.tune.clone()
+            },
             &pb,
         )?;
         pb.finish_and_clear();
@@ -467,6 +470,11 @@ fn fit_lexical(
         ..Default::default()
     };
     let mut lex = lexical::fit(&train_ids, &train_gold, &train_weights, &opts).stored()?;
+    if let Some(blend) = fixed {
+        eprintln!("lexical blend weight {blend:.1}, taken from the selection run");
+        lex.meta.blend = blend;
+        return Ok((blend > 0.0).then_some(lex));
+    }
     let dev_logits: Vec<f32> = dev_ids.iter().map(|s| lex.logit(s)).collect();
     let alone: Vec<f32> = dev_logits
         .iter()
@@ -498,12 +506,8 @@ fn fit_lexical(
         best.0,
         started.elapsed().as_secs_f64()
     );
-    let blend = fixed.unwrap_or(best.0);
-    if let Some(f) = fixed {
-        eprintln!("lexical blend weight {f:.1}, taken from the selection run");
-    }
-    lex.meta.blend = blend;
-    Ok((blend > 0.0).then_some(lex))
+    lex.meta.blend = best.0;
+    Ok((best.0 > 0.0).then_some(lex))
 }
 
 /// Token states after layer `from` and pooled embeddings of every text, from one encoder pass
