@@ -237,6 +237,14 @@ struct TrainArgs {
         default_value_t = TrainOptions::default().hard_negative_weight
     )]
     hard_negative_weight: f32,
+    /// Loss weight of the ten-way category cross-entropy (on unsafe items) against 1 for the
+    /// safe/unsafe loss, in the heads and while fine-tuning.
+    #[arg(
+        long,
+        env = "GUARDIAN_TRAIN_CATEGORY_WEIGHT",
+        default_value_t = TrainOptions::default().category_weight
+    )]
+    category_weight: f64,
     /// Train on this share of the train split (seeded), e.g. for a quick backbone comparison;
     /// dev and test stay whole.
     #[arg(long, env = "GUARDIAN_TRAIN_SUBSAMPLE", default_value_t = 1.0)]
@@ -508,6 +516,7 @@ fn run(cli: Cli) -> Result<i32> {
                     trunk: a.trunk,
                     learning_rate: a.lr,
                     hard_negative_weight: a.hard_negative_weight,
+                    category_weight: a.category_weight,
                     keep_epoch: a.keep_epoch,
                     ..Default::default()
                 },
@@ -539,6 +548,9 @@ fn run(cli: Cli) -> Result<i32> {
                 && job.options.hard_negative_weight > 0.0)
             {
                 bail!("--hard-negative-weight must be a positive number (1 weighs hard negatives like any other item)");
+            }
+            if !(job.options.category_weight.is_finite() && job.options.category_weight >= 0.0) {
+                bail!("--category-weight must be a number >= 0 (0 trains the category head's loss out)");
             }
             if !(job.tune.layer_decay > 0.0 && job.tune.layer_decay <= 1.0) {
                 bail!("--tune-layer-decay must be in (0, 1] (1 tunes every layer at --tune-lr)");

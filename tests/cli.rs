@@ -311,6 +311,15 @@ fn clear_errors_for_missing_models_and_bad_config() {
             stderr(&o)
         );
     }
+    for weight in ["--category-weight=-0.5", "--category-weight=NaN"] {
+        let o = guardian(&["train", "--data", "nonexistent.jsonl", weight], None);
+        assert_eq!(o.status.code(), Some(1));
+        assert!(
+            stderr(&o).contains("--category-weight must be a number >= 0"),
+            "{}",
+            stderr(&o)
+        );
+    }
 }
 
 #[test]

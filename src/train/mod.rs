@@ -683,7 +683,7 @@ fn model_card(
         cat_thresholds += &format!("| {} | {t:.2} |\n", c.id());
     }
     let tune_flags = if job.tune.layers == 0 {
-        String::new()
+        recipe_flags(job)
     } else {
         let decay = if job.tune.layer_decay == 1.0 {
             String::new()
@@ -691,8 +691,11 @@ fn model_card(
             format!(" --tune-layer-decay {}", job.tune.layer_decay)
         };
         format!(
-            " --tune-layers {} --tune-epochs {}{decay}",
-            job.tune.layers, job.tune.epochs
+            "{} --tune-layers {} --tune-epochs {}{decay}{}",
+            recipe_flags(job),
+            job.tune.layers,
+            job.tune.epochs,
+            tune_recipe_flags(&job.tune)
         )
     };
     let tune_flags = if job.lexical {
@@ -771,6 +774,57 @@ fn model_card(
     )
 }
 
+/// The train command's flags for the heads' recipe where it differs from the defaults, so the
+/// card's command line rebuilds the model without reading the prose below it.
+fn recipe_flags(job: &TrainJob) -> String {
+    let (o, d) = (&job.options, TrainOptions::default());
+    let mut flags = String::new();
+    if o.seed != d.seed {
+        flags += &format!(" --seed {}", o.seed);
+    }
+    if o.epochs != d.epochs {
+        flags += &format!(" --epochs {}", o.epochs);
+    }
+    if o.trunk != d.trunk {
+        flags += &format!(" --trunk {}", o.trunk);
+    }
+    if o.learning_rate != d.learning_rate {
+        flags += &format!(" --lr {}", o.learning_rate);
+    }
+    if o.hard_negative_weight != d.hard_negative_weight {
+        flags += &format!(" --hard-negative-weight {}", o.hard_negative_weight);
+    }
+    if o.category_weight != d.category_weight {
+        flags += &format!(" --category-weight {}", o.category_weight);
+    }
+    if job.dev_fraction != 0.1 {
+        flags += &format!(" --dev {}", job.dev_fraction);
+    }
+    if job.test_fraction != 0.1 {
+        flags += &format!(" --test {}", job.test_fraction);
+    }
+    if job.train_subsample != 1.0 {
+        flags += &format!(" --train-subsample {}", job.train_subsample);
+    }
+    flags
+}
+
+/// The same for fine-tuning's learning rates and batch size.
+fn tune_recipe_flags(t: &TuneOptions) -> String {
+    let d = TuneOptions::default();
+    let mut flags = String::new();
+    if t.encoder_lr != d.encoder_lr {
+        flags += &format!(" --tune-lr {}", t.encoder_lr);
+    }
+    if t.heads_lr != d.heads_lr {
+        flags += &format!(" --tune-heads-lr {}", t.heads_lr);
+    }
+    if t.batch_size != d.batch_size {
+        flags += &format!(" --tune-batch {}", t.batch_size);
+    }
+    flags
+}
+
 /// The model card's sentence on layer-wise learning-rate decay; empty at 1, the default, so
 /// cards of models trained without it read as they always did.
 fn layer_decay_text(decay: f64) -> String {
@@ -781,5 +835,45 @@ fn layer_decay_text(decay: f64) -> String {
             " Layer-wise learning-rate decay {decay}: each tuned layer learned at {decay} of the \
              rate of the layer above it."
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job() -> TrainJob {
+        TrainJob {
+            data: vec![PathBuf::from("data/public.jsonl")],
+            out: PathBuf::from("models"),
+            dev_fraction: 0.1,
+            test_fraction: 0.1,
+            train_subsample: 1.0,
+            options: TrainOptions::default(),
+            tune: TuneOptions::default(),
+            lexical: true,
+            spec: crate::config::Config::embedded().model_spec(),
+            refit: None,
+        }
+    }
+
+    #[test]
+    fn the_card_command_names_only_the_recipe_flags_that_differ_from_the_defaults() {
+        let mut j = job();
+        assert_eq!(recipe_flags(&j), "");
+        assert_eq!(tune_recipe_flags(&j.tune), "");
+        j.options.category_weight = 0.25;
+        j.options.hard_negative_weight = 2.0;
+        j.dev_fraction = 0.2;
+        j.tune.heads_lr = 1e-3;
+        j.tune.batch_size = 16;
+        assert_eq!(
+            recipe_flags(&j),
+            " --hard-negative-weight 2 --category-weight 0.25 --dev 0.2"
+        );
+        assert_eq!(
+            tune_recipe_flags(&j.tune),
+            " --tune-heads-lr 0.001 --tune-batch 16"
+        );
     }
 }
