@@ -218,10 +218,10 @@ struct TrainArgs {
     #[arg(long, env = "GUARDIAN_TRAIN_EPOCHS", default_value_t = TrainOptions::default().epochs)]
     epochs: usize,
     /// Share of each stratum held out for dev (threshold calibration, model selection).
-    #[arg(long, env = "GUARDIAN_TRAIN_DEV", default_value_t = 0.1)]
+    #[arg(long, env = "GUARDIAN_TRAIN_DEV", default_value_t = guardian::train::DEFAULT_DEV_FRACTION)]
     dev: f64,
     /// Share of each stratum held out for the final test.
-    #[arg(long, env = "GUARDIAN_TRAIN_TEST", default_value_t = 0.1)]
+    #[arg(long, env = "GUARDIAN_TRAIN_TEST", default_value_t = guardian::train::DEFAULT_TEST_FRACTION)]
     test: f64,
     /// Width of the shared trunk.
     #[arg(long, env = "GUARDIAN_TRAIN_TRUNK", default_value_t = TrainOptions::default().trunk)]

@@ -25,6 +25,10 @@ use dataset::{Example, Split};
 pub use finetune::TuneOptions;
 pub use trainer::TrainOptions;
 
+/// Shares of the data held out for dev and test unless `--dev` / `--test` say otherwise.
+pub const DEFAULT_DEV_FRACTION: f64 = 0.1;
+pub const DEFAULT_TEST_FRACTION: f64 = 0.1;
+
 pub struct TrainJob {
     /// Files or directories of `*.jsonl` files.
     pub data: Vec<PathBuf>,
@@ -685,13 +689,8 @@ fn model_card(
     let tune_flags = if job.tune.layers == 0 {
         recipe_flags(job)
     } else {
-        let decay = if job.tune.layer_decay == 1.0 {
-            String::new()
-        } else {
-            format!(" --tune-layer-decay {}", job.tune.layer_decay)
-        };
         format!(
-            "{} --tune-layers {} --tune-epochs {}{decay}{}",
+            "{} --tune-layers {} --tune-epochs {}{}",
             recipe_flags(job),
             job.tune.layers,
             job.tune.epochs,
@@ -797,10 +796,10 @@ fn recipe_flags(job: &TrainJob) -> String {
     if o.category_weight != d.category_weight {
         flags += &format!(" --category-weight {}", o.category_weight);
     }
-    if job.dev_fraction != 0.1 {
+    if job.dev_fraction != DEFAULT_DEV_FRACTION {
         flags += &format!(" --dev {}", job.dev_fraction);
     }
-    if job.test_fraction != 0.1 {
+    if job.test_fraction != DEFAULT_TEST_FRACTION {
         flags += &format!(" --test {}", job.test_fraction);
     }
     if job.train_subsample != 1.0 {
@@ -809,10 +808,13 @@ fn recipe_flags(job: &TrainJob) -> String {
     flags
 }
 
-/// The same for fine-tuning's learning rates and batch size.
+/// The same for fine-tuning's layer decay, learning rates and batch size.
 fn tune_recipe_flags(t: &TuneOptions) -> String {
     let d = TuneOptions::default();
     let mut flags = String::new();
+    if t.layer_decay != d.layer_decay {
+        flags += &format!(" --tune-layer-decay {}", t.layer_decay);
+    }
     if t.encoder_lr != d.encoder_lr {
         flags += &format!(" --tune-lr {}", t.encoder_lr);
     }
