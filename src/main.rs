@@ -266,6 +266,10 @@ struct TrainArgs {
     /// Learning rate of the heads while fine-tuning.
     #[arg(long, env = "GUARDIAN_TRAIN_TUNE_HEADS_LR", default_value_t = TuneOptions::default().heads_lr)]
     tune_heads_lr: f64,
+    /// Hidden dropout in the tuned encoder layers while fine-tuning (after the attention and
+    /// feed-forward outputs; 0 for none).
+    #[arg(long, env = "GUARDIAN_TRAIN_TUNE_DROPOUT", default_value_t = TuneOptions::default().dropout)]
+    tune_dropout: f32,
     /// Batch size while fine-tuning.
     #[arg(long, env = "GUARDIAN_TRAIN_TUNE_BATCH", default_value_t = TuneOptions::default().batch_size)]
     tune_batch: usize,
@@ -527,6 +531,7 @@ fn run(cli: Cli) -> Result<i32> {
                     encoder_lr: a.tune_lr,
                     heads_lr: a.tune_heads_lr,
                     layer_decay: a.tune_layer_decay,
+                    dropout: a.tune_dropout,
                     ..Default::default()
                 },
                 lexical: !a.no_lexical,
@@ -554,6 +559,9 @@ fn run(cli: Cli) -> Result<i32> {
             }
             if !(job.tune.layer_decay > 0.0 && job.tune.layer_decay <= 1.0) {
                 bail!("--tune-layer-decay must be in (0, 1] (1 tunes every layer at --tune-lr)");
+            }
+            if !(0.0..0.9).contains(&job.tune.dropout) {
+                bail!("--tune-dropout must be in [0, 0.9) (0 tunes without dropout)");
             }
             if !(job.train_subsample > 0.0 && job.train_subsample <= 1.0) {
                 bail!("--train-subsample must be in (0, 1]");

@@ -320,6 +320,19 @@ fn clear_errors_for_missing_models_and_bad_config() {
             stderr(&o)
         );
     }
+    for p in [
+        "--tune-dropout=0.95",
+        "--tune-dropout=-0.1",
+        "--tune-dropout=NaN",
+    ] {
+        let o = guardian(&["train", "--data", "nonexistent.jsonl", p], None);
+        assert_eq!(o.status.code(), Some(1));
+        assert!(
+            stderr(&o).contains("--tune-dropout must be in [0, 0.9)"),
+            "{}",
+            stderr(&o)
+        );
+    }
 }
 
 #[test]

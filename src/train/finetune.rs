@@ -35,6 +35,9 @@ pub struct TuneOptions {
     /// below at this factor of the one above it (1: every layer at `encoder_lr`). Below 1 it
     /// keeps the lower layers closer to the pretrained multilingual encoder.
     pub layer_decay: f64,
+    /// Hidden dropout on the tuned layers' attention and feed-forward outputs, before each
+    /// residual add, as the encoder was pretrained with (0: none).
+    pub dropout: f32,
     /// Keep the last epoch instead of the one with the best dev F1: set by `train::run` for a
     /// refit, where dev is in the training data and cannot choose.
     pub keep_last: bool,
@@ -49,6 +52,7 @@ impl Default for TuneOptions {
             encoder_lr: 2e-4,
             heads_lr: 2e-4,
             layer_decay: 1.0,
+            dropout: 0.0,
             keep_last: false,
         }
     }
@@ -233,7 +237,28 @@ struct Top {
 impl Top {
     /// `x` `[b, seq, h]`, `mask` `[b, seq]` → L2-normalised mean-pooled embeddings `[b, h]`.
     fn forward(&self, x: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_dropout(x, mask, None)
+    }
+
+    /// [`Top::forward`] with hidden dropout `p` drawn from `rng` while training (`None`, or
+    /// `p` 0: none, and the rng untouched).
+    fn forward_dropout(
+        &self,
+        x: &Tensor,
+        mask: &Tensor,
+        mut drop: Option<(&mut rand::rngs::StdRng, f32)>,
+    ) -> candle_core::Result<Tensor> {
         let (b, seq, h) = x.dims3()?;
+        let mut dropout = |t: Tensor| -> candle_core::Result<Tensor> {
+            match drop.as_mut() {
+                Some((rng, p)) if *p > 0.0 => {
+                    let m = trainer::dropout_mask(rng, b * seq, h, *p, t.device())
+                        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                    t * m
+                }
+                _ => Ok(t),
+            }
+        };
         let heads = self.dims.heads;
         let hd = h / heads;
         let scale = 1.0 / (hd as f64).sqrt();
@@ -263,14 +288,14 @@ impl Top {
                         .reshape((b * seq, h))?
                 }
             };
-            let attn = l.linear(3, &ctx, kn)?;
+            let attn = dropout(l.linear(3, &ctx, kn)?)?;
             x = l.norm(4, &(attn + &x)?, self.eps, kn)?;
             let ff = l.linear(5, &x, kn)?;
             let ff = match kn {
                 Kernels::Fused => fused::gelu_erf(&ff)?,
                 Kernels::Elementwise => ff.gelu_erf()?,
             };
-            let ff = l.linear(6, &ff, kn)?;
+            let ff = dropout(l.linear(6, &ff, kn)?)?;
             x = l.norm(7, &(ff + &x)?, self.eps, kn)?;
         }
         let x = x.reshape((b, seq, h))?;
@@ -469,7 +494,7 @@ pub fn tune(
             }
             opt_heads.set_learning_rate(opts.heads_lr * f);
             let (x, m) = states.batch(&batch, &Device::Cpu)?;
-            let emb = top.forward(&x, &m)?;
+            let emb = top.forward_dropout(&x, &m, Some((&mut rng, opts.dropout)))?;
             let mask = trainer::dropout_mask(
                 &mut rng,
                 batch.len(),
@@ -679,6 +704,36 @@ mod tests {
             lens: lens.to_vec(),
             data: trainer::uniform(&mut rng, rows * hidden, 1.0),
         }
+    }
+
+    #[test]
+    fn hidden_dropout_changes_the_embedding_only_when_it_is_on() {
+        let top = random_top(3);
+        let states = random_states(&[6, 3], 16, 5);
+        let (x, m) = states.batch(&[0, 1], &Device::Cpu).unwrap();
+        let plain = top.forward(&x, &m).unwrap().to_vec2::<f32>().unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        let off = top
+            .forward_dropout(&x, &m, Some((&mut rng, 0.0)))
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        assert_eq!(off, plain);
+        // p 0 draws nothing, so a shipped recipe without dropout stays reproducible.
+        let mut fresh = rand::rngs::StdRng::seed_from_u64(9);
+        assert_eq!(rng.random::<u64>(), fresh.random::<u64>());
+        let on = top
+            .forward_dropout(&x, &m, Some((&mut rng, 0.5)))
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let moved: f32 = on
+            .iter()
+            .flatten()
+            .zip(plain.iter().flatten())
+            .map(|(a, b)| (a - b).abs())
+            .sum();
+        assert!(moved > 1e-3, "dropout 0.5 left the embeddings as they were");
     }
 
     #[test]

@@ -648,6 +648,7 @@ fn model_card(
             job.tune.heads_lr,
             tune_epoch
         ) + &layer_decay_text(job.tune.layer_decay)
+            + &tune_dropout_text(job.tune.dropout)
     };
     let lexical_text = match &meta.lexical {
         Some(l) => format!(
@@ -824,7 +825,19 @@ fn tune_recipe_flags(t: &TuneOptions) -> String {
     if t.batch_size != d.batch_size {
         flags += &format!(" --tune-batch {}", t.batch_size);
     }
+    if t.dropout != d.dropout {
+        flags += &format!(" --tune-dropout {}", t.dropout);
+    }
     flags
+}
+
+/// The model card's sentence on hidden dropout in the tuned layers; empty without it.
+fn tune_dropout_text(p: f32) -> String {
+    if p == 0.0 {
+        String::new()
+    } else {
+        format!(" Hidden dropout {p} on the tuned layers' attention and feed-forward outputs.")
+    }
 }
 
 /// The model card's sentence on layer-wise learning-rate decay; empty at 1, the default, so
@@ -869,13 +882,14 @@ mod tests {
         j.dev_fraction = 0.2;
         j.tune.heads_lr = 1e-3;
         j.tune.batch_size = 16;
+        j.tune.dropout = 0.1;
         assert_eq!(
             recipe_flags(&j),
             " --hard-negative-weight 2 --category-weight 0.25 --dev 0.2"
         );
         assert_eq!(
             tune_recipe_flags(&j.tune),
-            " --tune-heads-lr 0.001 --tune-batch 16"
+            " --tune-heads-lr 0.001 --tune-batch 16 --tune-dropout 0.1"
         );
     }
 }
