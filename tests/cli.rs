@@ -293,45 +293,30 @@ fn clear_errors_for_missing_models_and_bad_config() {
     assert!(stderr(&o).contains("model.device"), "{}", stderr(&o));
 
     // Checked before any data is read or model loaded.
-    for decay in ["0", "1.5"] {
-        let o = guardian(
-            &[
-                "train",
-                "--data",
-                "nonexistent.jsonl",
-                "--tune-layer-decay",
-                decay,
-            ],
-            None,
-        );
-        assert_eq!(o.status.code(), Some(1));
-        assert!(
-            stderr(&o).contains("--tune-layer-decay must be in (0, 1]"),
-            "{}",
-            stderr(&o)
-        );
-    }
-    for weight in ["--category-weight=-0.5", "--category-weight=NaN"] {
-        let o = guardian(&["train", "--data", "nonexistent.jsonl", weight], None);
-        assert_eq!(o.status.code(), Some(1));
-        assert!(
-            stderr(&o).contains("--category-weight must be a number >= 0"),
-            "{}",
-            stderr(&o)
-        );
-    }
-    for p in [
-        "--tune-dropout=0.95",
-        "--tune-dropout=-0.1",
-        "--tune-dropout=NaN",
+    for (flag, message) in [
+        (
+            "--tune-layer-decay=0",
+            "--tune-layer-decay must be in (0, 1]",
+        ),
+        (
+            "--tune-layer-decay=1.5",
+            "--tune-layer-decay must be in (0, 1]",
+        ),
+        (
+            "--category-weight=-0.5",
+            "--category-weight must be a number >= 0",
+        ),
+        (
+            "--category-weight=NaN",
+            "--category-weight must be a number >= 0",
+        ),
+        ("--tune-dropout=0.95", "--tune-dropout must be in [0, 0.9)"),
+        ("--tune-dropout=-0.1", "--tune-dropout must be in [0, 0.9)"),
+        ("--tune-dropout=NaN", "--tune-dropout must be in [0, 0.9)"),
     ] {
-        let o = guardian(&["train", "--data", "nonexistent.jsonl", p], None);
-        assert_eq!(o.status.code(), Some(1));
-        assert!(
-            stderr(&o).contains("--tune-dropout must be in [0, 0.9)"),
-            "{}",
-            stderr(&o)
-        );
+        let o = guardian(&["train", "--data", "nonexistent.jsonl", flag], None);
+        assert_eq!(o.status.code(), Some(1), "{flag}");
+        assert!(stderr(&o).contains(message), "{flag}: {}", stderr(&o));
     }
 }
 

@@ -774,61 +774,55 @@ fn model_card(
     )
 }
 
+/// Appends ` --name value` to `flags` when `value` differs from its default.
+fn push_flag<T: PartialEq + std::fmt::Display>(
+    flags: &mut String,
+    name: &str,
+    value: T,
+    default: T,
+) {
+    if value != default {
+        flags.push_str(&format!(" --{name} {value}"));
+    }
+}
+
 /// The train command's flags for the heads' recipe where it differs from the defaults, so the
 /// card's command line rebuilds the model without reading the prose below it.
 fn recipe_flags(job: &TrainJob) -> String {
     let (o, d) = (&job.options, TrainOptions::default());
-    let mut flags = String::new();
-    if o.seed != d.seed {
-        flags += &format!(" --seed {}", o.seed);
-    }
-    if o.epochs != d.epochs {
-        flags += &format!(" --epochs {}", o.epochs);
-    }
-    if o.trunk != d.trunk {
-        flags += &format!(" --trunk {}", o.trunk);
-    }
-    if o.learning_rate != d.learning_rate {
-        flags += &format!(" --lr {}", o.learning_rate);
-    }
-    if o.hard_negative_weight != d.hard_negative_weight {
-        flags += &format!(" --hard-negative-weight {}", o.hard_negative_weight);
-    }
-    if o.category_weight != d.category_weight {
-        flags += &format!(" --category-weight {}", o.category_weight);
-    }
-    if job.dev_fraction != DEFAULT_DEV_FRACTION {
-        flags += &format!(" --dev {}", job.dev_fraction);
-    }
-    if job.test_fraction != DEFAULT_TEST_FRACTION {
-        flags += &format!(" --test {}", job.test_fraction);
-    }
-    if job.train_subsample != 1.0 {
-        flags += &format!(" --train-subsample {}", job.train_subsample);
-    }
-    flags
+    let mut f = String::new();
+    push_flag(&mut f, "seed", o.seed, d.seed);
+    push_flag(&mut f, "epochs", o.epochs, d.epochs);
+    push_flag(&mut f, "trunk", o.trunk, d.trunk);
+    push_flag(&mut f, "lr", o.learning_rate, d.learning_rate);
+    push_flag(
+        &mut f,
+        "hard-negative-weight",
+        o.hard_negative_weight,
+        d.hard_negative_weight,
+    );
+    push_flag(
+        &mut f,
+        "category-weight",
+        o.category_weight,
+        d.category_weight,
+    );
+    push_flag(&mut f, "dev", job.dev_fraction, DEFAULT_DEV_FRACTION);
+    push_flag(&mut f, "test", job.test_fraction, DEFAULT_TEST_FRACTION);
+    push_flag(&mut f, "train-subsample", job.train_subsample, 1.0);
+    f
 }
 
-/// The same for fine-tuning's layer decay, learning rates and batch size.
+/// The same for fine-tuning's layer decay, learning rates, batch size and dropout.
 fn tune_recipe_flags(t: &TuneOptions) -> String {
     let d = TuneOptions::default();
-    let mut flags = String::new();
-    if t.layer_decay != d.layer_decay {
-        flags += &format!(" --tune-layer-decay {}", t.layer_decay);
-    }
-    if t.encoder_lr != d.encoder_lr {
-        flags += &format!(" --tune-lr {}", t.encoder_lr);
-    }
-    if t.heads_lr != d.heads_lr {
-        flags += &format!(" --tune-heads-lr {}", t.heads_lr);
-    }
-    if t.batch_size != d.batch_size {
-        flags += &format!(" --tune-batch {}", t.batch_size);
-    }
-    if t.dropout != d.dropout {
-        flags += &format!(" --tune-dropout {}", t.dropout);
-    }
-    flags
+    let mut f = String::new();
+    push_flag(&mut f, "tune-layer-decay", t.layer_decay, d.layer_decay);
+    push_flag(&mut f, "tune-lr", t.encoder_lr, d.encoder_lr);
+    push_flag(&mut f, "tune-heads-lr", t.heads_lr, d.heads_lr);
+    push_flag(&mut f, "tune-batch", t.batch_size, d.batch_size);
+    push_flag(&mut f, "tune-dropout", t.dropout, d.dropout);
+    f
 }
 
 /// The model card's sentence on hidden dropout in the tuned layers; empty without it.
