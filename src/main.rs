@@ -286,6 +286,18 @@ struct TrainArgs {
     /// Keep this heads epoch of the --epochs schedule instead of the one dev likes best.
     #[arg(long, env = "GUARDIAN_TRAIN_KEEP_EPOCH")]
     keep_epoch: Option<usize>,
+    /// Distil from a teacher: heads on this backbone (frozen) are trained once per fold of
+    /// the train split and score the fold they left out; those scores soften each item's
+    /// safe/unsafe target. The teacher only trains; it is not shipped or run by `screen`.
+    #[arg(long, env = "GUARDIAN_TRAIN_TEACHER", value_name = "BACKBONE")]
+    teacher: Option<Backbone>,
+    /// With --teacher: share of each train item's safe/unsafe target taken from the teacher's
+    /// score (the rest from its label).
+    #[arg(long, env = "GUARDIAN_TRAIN_DISTILL_SHARE", default_value_t = guardian::train::TeacherOptions::DEFAULT_SHARE)]
+    distill_share: f32,
+    /// With --teacher: folds of the train split (the teacher is trained once per fold).
+    #[arg(long, env = "GUARDIAN_TRAIN_TEACHER_FOLDS", default_value_t = guardian::train::TeacherOptions::DEFAULT_FOLDS)]
+    teacher_folds: usize,
 }
 
 #[derive(Args)]
@@ -542,6 +554,11 @@ fn run(cli: Cli) -> Result<i32> {
                     .map(guardian::train::Refit::from_dir)
                     .transpose()
                     .context("--refit-from needs the heads directory of a run on train alone")?,
+                teacher: a.teacher.map(|backbone| guardian::train::TeacherOptions {
+                    backbone,
+                    share: a.distill_share,
+                    folds: a.teacher_folds,
+                }),
             };
             if !(0.0..0.5).contains(&job.dev_fraction)
                 || !(0.0..0.5).contains(&job.test_fraction)
@@ -562,6 +579,23 @@ fn run(cli: Cli) -> Result<i32> {
             }
             if !(0.0..0.9).contains(&job.tune.dropout) {
                 bail!("--tune-dropout must be in [0, 0.9) (0 tunes without dropout)");
+            }
+            if let Some(t) = &job.teacher {
+                if t.backbone == job.spec.backbone {
+                    bail!(
+                        "--teacher must be another backbone than the one being trained ({})",
+                        t.backbone
+                    );
+                }
+                if !(t.share > 0.0 && t.share <= 1.0) {
+                    bail!("--distill-share must be in (0, 1] (the share of the target taken from the teacher)");
+                }
+                if t.folds < 2 {
+                    bail!("--teacher-folds must be at least 2 (each fold is scored by a teacher trained on the others)");
+                }
+                if job.refit.is_some() {
+                    bail!("--teacher cannot be combined with --refit-from");
+                }
             }
             if !(job.train_subsample > 0.0 && job.train_subsample <= 1.0) {
                 bail!("--train-subsample must be in (0, 1]");

@@ -313,8 +313,27 @@ fn clear_errors_for_missing_models_and_bad_config() {
         ("--tune-dropout=0.95", "--tune-dropout must be in [0, 0.9)"),
         ("--tune-dropout=-0.1", "--tune-dropout must be in [0, 0.9)"),
         ("--tune-dropout=NaN", "--tune-dropout must be in [0, 0.9)"),
+        (
+            "--teacher=e5-small",
+            "--teacher must be another backbone than the one being trained",
+        ),
+        (
+            "--teacher=embeddinggemma-300m --distill-share=0",
+            "--distill-share must be in (0, 1]",
+        ),
+        (
+            "--teacher=embeddinggemma-300m --distill-share=1.5",
+            "--distill-share must be in (0, 1]",
+        ),
+        (
+            "--teacher=embeddinggemma-300m --teacher-folds=1",
+            "--teacher-folds must be at least 2",
+        ),
     ] {
-        let o = guardian(&["train", "--data", "nonexistent.jsonl", flag], None);
+        // An entry may hold several flags, separated by spaces.
+        let mut args = vec!["train", "--data", "nonexistent.jsonl"];
+        args.extend(flag.split(' '));
+        let o = guardian(&args, None);
         assert_eq!(o.status.code(), Some(1), "{flag}");
         assert!(stderr(&o).contains(message), "{flag}: {}", stderr(&o));
     }
@@ -540,6 +559,42 @@ fn train_writes_heads_that_screen_can_load_and_is_reproducible() {
         "{}",
         v[0]
     );
+}
+
+#[test]
+fn a_teacher_softens_the_targets_and_the_card_says_how() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = small_training_set(dir.path());
+    let run = |out: &str, extra: &[&str]| {
+        let out = dir.path().join(out);
+        let mut flags = vec!["--tune-layers", "0", "--no-lexical"];
+        flags.extend_from_slice(extra);
+        let o = train_small(&data, &out, &flags);
+        assert!(o.status.success(), "{}", stderr(&o));
+        (out, stderr(&o))
+    };
+    let (plain, _) = run("plain", &[]);
+    let (taught, log) = run("taught", &["--teacher", "embeddinggemma-300m"]);
+    assert!(log.contains("out-of-fold train weighted F1"), "{log}");
+    assert_ne!(
+        std::fs::read(plain.join("heads.safetensors")).unwrap(),
+        std::fs::read(taught.join("heads.safetensors")).unwrap(),
+        "the teacher's scores change what the heads learn"
+    );
+    let card = std::fs::read_to_string(taught.join("MODEL_CARD.md")).unwrap();
+    assert!(card.contains("--teacher embeddinggemma-300m"), "{card}");
+    assert!(
+        card.contains("0.50 of its label and 0.50 of the unsafe probability"),
+        "{card}"
+    );
+    // The student is still e5-small: `screen` loads it without the teacher.
+    let o = guardian(
+        &["--heads", taught.to_str().unwrap(), "screen"],
+        Some(b"how to bake bread\n"),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let plain_card = std::fs::read_to_string(plain.join("MODEL_CARD.md")).unwrap();
+    assert!(!plain_card.contains("Distillation"), "{plain_card}");
 }
 
 #[test]

@@ -6,6 +6,7 @@ pub mod embed_cache;
 pub mod finetune;
 mod fused;
 pub mod lexical;
+pub mod teacher;
 pub mod trainer;
 
 use std::io::Write;
@@ -23,6 +24,7 @@ use crate::policy::Label;
 use crate::taxonomy::Category;
 use dataset::{Example, Split};
 pub use finetune::TuneOptions;
+pub use teacher::TeacherOptions;
 pub use trainer::TrainOptions;
 
 /// Shares of the data held out for dev and test unless `--dev` / `--test` say otherwise.
@@ -46,6 +48,8 @@ pub struct TrainJob {
     /// Fold dev into the training data, taking every choice dev would make from a run trained
     /// on train alone (`None`: train on train, choose on dev).
     pub refit: Option<Refit>,
+    /// Distil from a cross-fitted teacher on a second backbone (`None`: labels alone).
+    pub teacher: Option<TeacherOptions>,
 }
 
 /// The choices of a selection run (trained on the train split, chosen on dev) that a refit on
@@ -225,11 +229,34 @@ pub fn run(job: &TrainJob) -> Result<TrainOutcome> {
         started.elapsed().as_secs_f64()
     );
 
+    // The teacher's out-of-fold unsafe probability of each train item, by example index.
+    let mut teacher_probs = std::collections::HashMap::new();
+    let mut teacher_summary = None;
+    if let Some(t) = &job.teacher {
+        let fit_idx: Vec<usize> = used
+            .iter()
+            .copied()
+            .filter(|&i| splits[i] == Split::Train)
+            .collect();
+        let fit: Vec<&Example> = fit_idx.iter().map(|&i| &examples[i]).collect();
+        let (probs, summary) = teacher::out_of_fold_probs(t, &job.spec, &fit, &dev, &job.options)?;
+        eprintln!("{summary}");
+        teacher_probs = fit_idx.into_iter().zip(probs).collect();
+        teacher_summary = Some(summary);
+    }
+    let target = |i: usize| {
+        let t = trainer::Target::of(&examples[i], &job.options);
+        match (teacher_probs.get(&i), &job.teacher) {
+            (Some(&p), Some(o)) => t.distilled(p, o.share),
+            _ => t,
+        }
+    };
+
     let gather = |keep: &dyn Fn(Split) -> bool| -> (Vec<Vec<f32>>, Vec<trainer::Target>) {
         used.iter()
             .zip(&all_x)
             .filter(|(&i, _)| keep(splits[i]))
-            .map(|(&i, v)| (v.clone(), trainer::Target::of(&examples[i], &job.options)))
+            .map(|(&i, v)| (v.clone(), target(i)))
             .unzip()
     };
     let (train_x, train_y) = gather(&fits);
@@ -265,18 +292,16 @@ pub fn run(job: &TrainJob) -> Result<TrainOutcome> {
                 .iter()
                 .enumerate()
                 .filter(move |(_, &i)| splits_r[i] == s)
-                .map(move |(p, &i)| (p, &examples_r[i]))
+                .map(|(p, &i)| (p, i))
         };
-        let mut train_pairs: Vec<(usize, trainer::Target)> = indexed(Split::Train)
-            .map(|(p, e)| (p, trainer::Target::of(e, &job.options)))
-            .collect();
+        let mut train_pairs: Vec<(usize, trainer::Target)> =
+            indexed(Split::Train).map(|(p, i)| (p, target(i))).collect();
         if job.refit.is_some() {
-            train_pairs.extend(
-                indexed(Split::Dev).map(|(p, e)| (p, trainer::Target::of(e, &job.options))),
-            );
+            train_pairs.extend(indexed(Split::Dev).map(|(p, i)| (p, target(i))));
         }
-        let dev_pairs: Vec<(usize, Label)> =
-            indexed(Split::Dev).map(|(p, e)| (p, e.label)).collect();
+        let dev_pairs: Vec<(usize, Label)> = indexed(Split::Dev)
+            .map(|(p, i)| (p, examples_r[i].label))
+            .collect();
         let file = e5s1::E5s1::open(&fetch::models_dir(&job.spec.home).join(fetch::E5_WEIGHTS))?;
         let pb = bar(0, "tuning");
         let tuned = finetune::tune(
@@ -431,6 +456,7 @@ pub fn run(job: &TrainJob) -> Result<TrainOutcome> {
         [n_train_used, dev.len(), test.len()],
         &examples,
         &splits,
+        teacher_summary.as_deref(),
     );
     write(&job.out.join("MODEL_CARD.md"), card.as_bytes())?;
     eprintln!(
@@ -607,6 +633,7 @@ fn model_card(
     counts: [usize; 3],
     examples: &[Example],
     splits: &[Split],
+    teacher_summary: Option<&str>,
 ) -> String {
     let o = &job.options;
     let mut table = std::collections::BTreeMap::<(String, String), [usize; 3]>::new();
@@ -711,6 +738,7 @@ fn model_card(
         (Some(r), None) => format!("{tune_flags} --refit-from {}", r.from.display()),
         (None, _) => tune_flags,
     };
+    let tune_flags = tune_flags + &teacher_flags(job.teacher.as_ref());
     let (refit_text, dev_heading) = match &job.refit {
         Some(r) => (
             format!(
@@ -725,6 +753,16 @@ fn model_card(
              are those of the selection run)",
         ),
         None => (String::new(), "## Dev-split scores"),
+    };
+    let refit_text = match (&job.teacher, teacher_summary) {
+        (Some(t), Some(summary)) => format!(
+            "{refit_text}\n\nDistillation: each train item's safe/unsafe target is {:.2} of its \
+             label and {:.2} of the unsafe probability a teacher gave it, in the heads' loss and \
+             while fine-tuning (the lexical model keeps the labels); {summary}.",
+            1.0 - t.share,
+            t.share
+        ),
+        _ => refit_text,
     };
     let best_text = match (&job.refit, o.keep_epoch) {
         (Some(_), Some(k)) => format!("kept: {k}, as selected"),
@@ -813,6 +851,27 @@ fn recipe_flags(job: &TrainJob) -> String {
     f
 }
 
+/// The teacher's flags: none without distillation, its defaults left out.
+fn teacher_flags(t: Option<&TeacherOptions>) -> String {
+    let Some(t) = t else {
+        return String::new();
+    };
+    let mut f = format!(" --teacher {}", t.backbone);
+    push_flag(
+        &mut f,
+        "distill-share",
+        t.share,
+        TeacherOptions::DEFAULT_SHARE,
+    );
+    push_flag(
+        &mut f,
+        "teacher-folds",
+        t.folds,
+        TeacherOptions::DEFAULT_FOLDS,
+    );
+    f
+}
+
 /// The same for fine-tuning's layer decay, learning rates, batch size and dropout.
 fn tune_recipe_flags(t: &TuneOptions) -> String {
     let d = TuneOptions::default();
@@ -863,6 +922,7 @@ mod tests {
             lexical: true,
             spec: crate::config::Config::embedded().model_spec(),
             refit: None,
+            teacher: None,
         }
     }
 
@@ -884,6 +944,19 @@ mod tests {
         assert_eq!(
             tune_recipe_flags(&j.tune),
             " --tune-heads-lr 0.001 --tune-batch 16 --tune-dropout 0.1"
+        );
+        assert_eq!(teacher_flags(None), "");
+        let mut t = TeacherOptions {
+            backbone: crate::model::Backbone::EmbeddingGemma300m,
+            share: TeacherOptions::DEFAULT_SHARE,
+            folds: TeacherOptions::DEFAULT_FOLDS,
+        };
+        assert_eq!(teacher_flags(Some(&t)), " --teacher embeddinggemma-300m");
+        t.share = 0.3;
+        t.folds = 5;
+        assert_eq!(
+            teacher_flags(Some(&t)),
+            " --teacher embeddinggemma-300m --distill-share 0.3 --teacher-folds 5"
         );
     }
 }

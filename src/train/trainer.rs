@@ -56,6 +56,9 @@ pub struct Target {
     pub category: Option<Category>,
     /// The item's loss weight before class balancing (1 for most items).
     pub weight: f32,
+    /// The target of the unsafe logit's cross-entropy: 1 or 0 from the label, or the label
+    /// mixed with a teacher model's unsafe probability (see [`Target::distilled`]).
+    pub unsafe_target: f32,
 }
 
 impl TrainOptions {
@@ -77,6 +80,17 @@ impl Target {
             label: e.label,
             category: e.category,
             weight: opts.item_weight(e),
+            unsafe_target: (e.label == Label::Unsafe) as u8 as f32,
+        }
+    }
+
+    /// The same targets with the unsafe target moved `share` of the way from the label to
+    /// `teacher_prob`. Class balancing still counts the item under its label.
+    pub fn distilled(self, teacher_prob: f32, share: f32) -> Self {
+        let hard = (self.label == Label::Unsafe) as u8 as f32;
+        Self {
+            unsafe_target: (1.0 - share) * hard + share * teacher_prob.clamp(0.0, 1.0),
+            ..self
         }
     }
 }
@@ -280,14 +294,17 @@ impl LossWeights {
     ) -> Result<Tensor> {
         let dev = u.device();
         let b = targets.len();
-        let y: Vec<f32> = targets
+        let y: Vec<f32> = targets.iter().map(|t| t.unsafe_target).collect();
+        let wb: Vec<f32> = targets
             .iter()
-            .map(|t| (t.label == Label::Unsafe) as u8 as f32)
-            .collect();
-        let wb: Vec<f32> = y
-            .iter()
-            .zip(targets)
-            .map(|(&y, t)| t.weight * if y > 0.5 { self.w_unsafe } else { self.w_safe })
+            .map(|t| {
+                t.weight
+                    * if t.label == Label::Unsafe {
+                        self.w_unsafe
+                    } else {
+                        self.w_safe
+                    }
+            })
             .collect();
         let wb_sum: f32 = wb.iter().sum();
         let y = Tensor::from_vec(y, b, dev)?;
@@ -508,11 +525,13 @@ mod tests {
                 label: Label::Unsafe,
                 category: Some(Category::ALL[2]),
                 weight: 1.0,
+                unsafe_target: 1.0,
             },
             Target {
                 label: Label::Safe,
                 category: None,
                 weight: 1.0,
+                unsafe_target: 0.0,
             },
         ];
         let w = LossWeights::from_targets(&targets);
@@ -537,6 +556,7 @@ mod tests {
             label,
             category: (label == Label::Unsafe).then_some(Category::ALL[0]),
             weight,
+            unsafe_target: (label == Label::Unsafe) as u8 as f32,
         };
         // A safe item, a hard negative weighted 3, and an unsafe item.
         let targets = [
@@ -564,5 +584,36 @@ mod tests {
             hard_negative_wrong > 2.5 * plain_wrong,
             "{hard_negative_wrong} {plain_wrong}"
         );
+    }
+
+    #[test]
+    fn a_distilled_target_moves_the_loss_minimum_toward_the_teacher() {
+        let hard = Target {
+            label: Label::Unsafe,
+            category: Some(Category::ALL[0]),
+            weight: 1.0,
+            unsafe_target: 1.0,
+        };
+        let soft = hard.distilled(0.2, 0.5);
+        assert!((soft.unsafe_target - 0.6).abs() < 1e-6, "{soft:?}");
+        // Share 0 leaves the label's target alone; the label still decides class balancing.
+        assert_eq!(hard.distilled(0.0, 0.0).unsafe_target, 1.0);
+        assert_eq!(soft.label, Label::Unsafe);
+        let dev = Device::Cpu;
+        let c = Tensor::zeros((1, Category::COUNT), DType::F32, &dev).unwrap();
+        let loss = |t: Target, z: f32| {
+            let w = LossWeights::from_targets(&[t]);
+            let u = Tensor::new(&[z], &dev).unwrap();
+            w.joint_loss(&u, &c, &[t], 0.0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        // With the hard target a confident logit is best; with the soft one the logit of
+        // p = 0.6 beats a confident one.
+        let z06 = (0.6f32 / 0.4).ln();
+        assert!(loss(hard, 6.0) < loss(hard, z06));
+        assert!(loss(soft, z06) < loss(soft, 6.0));
+        assert!(loss(soft, z06) < loss(soft, 0.0));
     }
 }
