@@ -262,17 +262,11 @@ pub fn run(job: &TrainJob) -> Result<TrainOutcome> {
     let (train_x, train_y) = gather(&fits);
     let (dev_x, dev_y) = gather(&|s| s == Split::Dev);
 
-    let meta = HeadsMeta {
-        encoder: embedder.encoder_id.clone(),
-        hidden: embedder.hidden_size(),
-        trunk: job.options.trunk,
-        categories: Category::ALL.iter().map(|c| c.id().to_string()).collect(),
-        unsafe_threshold: 0.5,
-        tuned_layers: Vec::new(),
-        lexical: None,
-        category_thresholds: Default::default(),
-        digest: String::new(),
-    };
+    let meta = trainer::fresh_meta(
+        embedder.encoder_id.clone(),
+        embedder.hidden_size(),
+        job.options.trunk,
+    );
     let pb = bar(job.options.epochs as u64, "training");
     let mut trained = trainer::train(meta, &train_x, &train_y, &dev_x, &dev_y, &job.options, &pb)?;
     pb.finish_and_clear();

@@ -12,10 +12,8 @@ use super::dataset::Example;
 use super::trainer::{self, Target, TrainOptions};
 use super::{bar, embed_cache};
 use crate::error::{Error, Result};
-use crate::model::heads::HeadsMeta;
 use crate::model::{Backbone, Embedder, ModelSpec, WeightFormat};
 use crate::policy::Label;
-use crate::taxonomy::Category;
 
 /// Distillation from a teacher backbone.
 #[derive(Debug, Clone)]
@@ -85,17 +83,11 @@ pub fn out_of_fold_probs(
             (0..train.len()).partition(|&i| fold_of[i] != k);
         let fit_x: Vec<Vec<f32>> = fit.iter().map(|&i| train_x[i].clone()).collect();
         let fit_y: Vec<Target> = fit.iter().map(|&i| Target::of(train[i], opts)).collect();
-        let meta = HeadsMeta {
-            encoder: format!("{} (teacher)", teacher.backbone),
+        let meta = trainer::fresh_meta(
+            format!("{} (teacher)", teacher.backbone),
             hidden,
-            trunk: opts.trunk,
-            categories: Category::ALL.iter().map(|c| c.id().to_string()).collect(),
-            unsafe_threshold: 0.5,
-            tuned_layers: Vec::new(),
-            lexical: None,
-            category_thresholds: Default::default(),
-            digest: String::new(),
-        };
+            opts.trunk,
+        );
         let pb = bar(
             opts.epochs as u64,
             &format!("teacher {}/{}", k + 1, teacher.folds),

@@ -374,6 +374,22 @@ pub fn restore(varmap: &VarMap, snapshot: Vec<(String, Tensor)>) -> Result<()> {
     Ok(())
 }
 
+/// The metadata of heads about to be trained on `encoder`'s embeddings: every category, a
+/// 0.5 threshold until dev calibrates one, no tuned layers or lexical model yet.
+pub fn fresh_meta(encoder: String, hidden: usize, trunk: usize) -> HeadsMeta {
+    HeadsMeta {
+        encoder,
+        hidden,
+        trunk,
+        categories: Category::ALL.iter().map(|c| c.id().to_string()).collect(),
+        unsafe_threshold: 0.5,
+        tuned_layers: Vec::new(),
+        lexical: None,
+        category_thresholds: Default::default(),
+        digest: String::new(),
+    }
+}
+
 pub fn train(
     meta: HeadsMeta,
     train_x: &[Vec<f32>],
