@@ -748,15 +748,15 @@ fn model_card(
         ),
         None => (String::new(), "## Dev-split scores"),
     };
-    let refit_text = match (&job.teacher, teacher_summary) {
+    let distill_text = match (&job.teacher, teacher_summary) {
         (Some(t), Some(summary)) => format!(
-            "{refit_text}\n\nDistillation: each train item's safe/unsafe target is {:.2} of its \
+            "\n\nDistillation: each train item's safe/unsafe target is {:.2} of its \
              label and {:.2} of the unsafe probability a teacher gave it, in the heads' loss and \
              while fine-tuning (the lexical model keeps the labels); {summary}.",
             1.0 - t.share,
             t.share
         ),
-        _ => refit_text,
+        _ => String::new(),
     };
     let best_text = match (&job.refit, o.keep_epoch) {
         (Some(_), Some(k)) => format!("kept: {k}, as selected"),
@@ -779,7 +779,7 @@ fn model_card(
          AdamW lr {lr} (cosine), weight decay {wd}, dropout {dropout}, category loss weight {cw},\n\
          hard-negative loss weight {hnw} (heads, tuning and lexical model; classes balanced by weighted mass),\n\
          splits dev {devf} / test {testf} stratified by source, label, category and language.\n\
-         {tuning}{refit_text}\n\n\
+         {tuning}{refit_text}{distill_text}\n\n\
          Examples: {ntrain} train, {ndev} dev, {ntest} test.\n\n\
          | category | lang | train | dev | test |\n|---|---|---|---|---|\n{data_rows}\n\
          {dev_heading}\n\n```\n{report}```\n",
