@@ -244,12 +244,10 @@ pub fn run(job: &TrainJob) -> Result<TrainOutcome> {
         teacher_probs = fit_idx.into_iter().zip(probs).collect();
         teacher_summary = Some(summary);
     }
+    let share = job.teacher.as_ref().map_or(0.0, |t| t.share);
     let target = |i: usize| {
         let t = trainer::Target::of(&examples[i], &job.options);
-        match (teacher_probs.get(&i), &job.teacher) {
-            (Some(&p), Some(o)) => t.distilled(p, o.share),
-            _ => t,
-        }
+        teacher_probs.get(&i).map_or(t, |&p| t.distilled(p, share))
     };
 
     let gather = |keep: &dyn Fn(Split) -> bool| -> (Vec<Vec<f32>>, Vec<trainer::Target>) {

@@ -80,19 +80,24 @@ impl Target {
             label: e.label,
             category: e.category,
             weight: opts.item_weight(e),
-            unsafe_target: (e.label == Label::Unsafe) as u8 as f32,
+            unsafe_target: label_target(e.label),
         }
     }
 
     /// The same targets with the unsafe target moved `share` of the way from the label to
     /// `teacher_prob`. Class balancing still counts the item under its label.
     pub fn distilled(self, teacher_prob: f32, share: f32) -> Self {
-        let hard = (self.label == Label::Unsafe) as u8 as f32;
         Self {
-            unsafe_target: (1.0 - share) * hard + share * teacher_prob.clamp(0.0, 1.0),
+            unsafe_target: (1.0 - share) * label_target(self.label)
+                + share * teacher_prob.clamp(0.0, 1.0),
             ..self
         }
     }
+}
+
+/// The unsafe logit's target for a label alone: 1 for unsafe, 0 for safe.
+pub fn label_target(label: Label) -> f32 {
+    (label == Label::Unsafe) as u8 as f32
 }
 
 /// `(unsafe, safe)` class weights that give both labels the same total weight, counting each
@@ -572,7 +577,7 @@ mod tests {
             label,
             category: (label == Label::Unsafe).then_some(Category::ALL[0]),
             weight,
-            unsafe_target: (label == Label::Unsafe) as u8 as f32,
+            unsafe_target: label_target(label),
         };
         // A safe item, a hard negative weighted 3, and an unsafe item.
         let targets = [
