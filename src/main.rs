@@ -270,6 +270,11 @@ struct TrainArgs {
     /// feed-forward outputs; 0 for none).
     #[arg(long, env = "GUARDIAN_TRAIN_TUNE_DROPOUT", default_value_t = TuneOptions::default().dropout)]
     tune_dropout: f32,
+    /// Fine-tuning runs to average into the shipped weights: each starts from the same heads
+    /// and layers with its own batch order and dropout, and the mean of their weights ships
+    /// (one model's size and speed). Each run costs the --tune-epochs again.
+    #[arg(long, env = "GUARDIAN_TRAIN_TUNE_RUNS", default_value_t = TuneOptions::default().runs)]
+    tune_runs: usize,
     /// Batch size while fine-tuning.
     #[arg(long, env = "GUARDIAN_TRAIN_TUNE_BATCH", default_value_t = TuneOptions::default().batch_size)]
     tune_batch: usize,
@@ -544,6 +549,7 @@ fn run(cli: Cli) -> Result<i32> {
                     heads_lr: a.tune_heads_lr,
                     layer_decay: a.tune_layer_decay,
                     dropout: a.tune_dropout,
+                    runs: a.tune_runs,
                     ..Default::default()
                 },
                 lexical: !a.no_lexical,
@@ -579,6 +585,9 @@ fn run(cli: Cli) -> Result<i32> {
             }
             if !(0.0..0.9).contains(&job.tune.dropout) {
                 bail!("--tune-dropout must be in [0, 0.9) (0 tunes without dropout)");
+            }
+            if job.tune.runs == 0 {
+                bail!("--tune-runs must be at least 1 (1 ships a single fine-tuning run)");
             }
             if let Some(t) = &job.teacher {
                 if t.backbone == job.spec.backbone {

@@ -313,6 +313,7 @@ fn clear_errors_for_missing_models_and_bad_config() {
         ("--tune-dropout=0.95", "--tune-dropout must be in [0, 0.9)"),
         ("--tune-dropout=-0.1", "--tune-dropout must be in [0, 0.9)"),
         ("--tune-dropout=NaN", "--tune-dropout must be in [0, 0.9)"),
+        ("--tune-runs=0", "--tune-runs must be at least 1"),
         (
             "--teacher=e5-small",
             "--teacher must be another backbone than the one being trained",
@@ -710,6 +711,49 @@ fn fine_tuned_layers_ship_in_the_heads_file_and_screening_reproduces_the_dev_sco
     // The tuned model is a different function from the stock encoder with the same heads.
     let (tuned, stock) = unsafe_score_with_and_without(&out, "tuned_layers", dir.path());
     assert_ne!(tuned, stock);
+}
+
+#[test]
+fn averaged_tuning_runs_ship_as_one_model_and_the_card_says_how() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = small_training_set(dir.path());
+    let flags = [
+        "--tune-layers",
+        "1",
+        "--tune-epochs",
+        "1",
+        "--tune-lr",
+        "1e-4",
+    ];
+    let single = dir.path().join("single");
+    let o = train_small(&data, &single, &flags);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let averaged = dir.path().join("averaged");
+    let o = train_small(
+        &data,
+        &averaged,
+        &[&flags[..], &["--tune-runs", "2"]].concat(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let log = stderr(&o);
+    assert!(log.contains("run 2 tune epoch 1"), "{log}");
+    assert!(log.contains("average of 2 tuning runs"), "{log}");
+
+    // The average is a different model of the same shape: one tuned layer, one heads file.
+    let meta: Value =
+        serde_json::from_str(&std::fs::read_to_string(averaged.join("heads.json")).unwrap())
+            .unwrap();
+    assert_eq!(meta["tuned_layers"], serde_json::json!([11]), "{meta}");
+    assert_ne!(
+        std::fs::read(single.join("heads.safetensors")).unwrap(),
+        std::fs::read(averaged.join("heads.safetensors")).unwrap()
+    );
+    let card = std::fs::read_to_string(averaged.join("MODEL_CARD.md")).unwrap();
+    assert!(
+        card.contains("--tune-runs 2") && card.contains("the mean of 2 such runs"),
+        "{card}"
+    );
+    assert_eval_reproduces_card_dev_score(&averaged, true);
 }
 
 /// The unsafe score of one query under the heads in `out`, and under the same heads with

@@ -41,6 +41,11 @@ pub struct TuneOptions {
     /// Keep the last epoch instead of the one with the best dev F1: set by `train::run` for a
     /// refit, where dev is in the training data and cannot choose.
     pub keep_last: bool,
+    /// Fine-tuning runs averaged into the shipped weights (a uniform "model soup"). Every run
+    /// starts from the same frozen-encoder heads and pretrained layers and differs only in
+    /// batch order and dropout, so the runs stay in one basin and their mean is one model:
+    /// an ensemble's variance reduction at a single model's size and speed. 1: no averaging.
+    pub runs: usize,
 }
 
 impl Default for TuneOptions {
@@ -54,6 +59,7 @@ impl Default for TuneOptions {
             layer_decay: 1.0,
             dropout: 0.0,
             keep_last: false,
+            runs: 1,
         }
     }
 }
@@ -316,8 +322,12 @@ impl Top {
 /// The result: tuned layers (to ship in the heads file) and the best epoch (0 = frozen won).
 pub struct Tuned {
     pub layers: Vec<(usize, LayerWeights)>,
+    /// The kept epoch; with several runs, the latest any run kept.
     pub best_epoch: usize,
+    /// Dev weighted F1 of the shipped weights (with several runs, of their average).
     pub best_dev_f1: f64,
+    /// Each run's kept epoch and its dev weighted F1 (one entry without averaging).
+    pub runs: Vec<(usize, f64)>,
 }
 
 fn var_name(l: usize, name: &str, part: &str) -> String {
@@ -426,7 +436,8 @@ fn layer_learning_rates(opts: &TuneOptions, from: usize, layers: usize) -> Vec<f
 }
 
 /// Tunes layers `file.dims.layers - opts.layers ..` and the heads in `varmap` (already
-/// trained on frozen embeddings) on cached token states. `train`/`dev` index `states`.
+/// trained on frozen embeddings) on cached token states. `train`/`dev` index `states`. With
+/// `opts.runs` above 1, that many runs from the same start are averaged.
 #[allow(clippy::too_many_arguments)]
 pub fn tune(
     file: &E5s1,
@@ -441,97 +452,58 @@ pub fn tune(
 ) -> Result<Tuned> {
     let dims = file.dims;
     let from = dims.layers - opts.layers.min(dims.layers);
-    let mut rng = rand::rngs::StdRng::seed_from_u64(base.seed ^ 0x7475_6e65);
     let heads_vars = varmap.all_vars();
     let (layers, enc_vars): (Vec<VarLayer>, Vec<Vec<Var>>) =
         add_layers(varmap, file, from)?.into_iter().unzip();
-    // One optimizer per tuned layer, each with its share of the encoder learning rate.
-    let layer_lr = layer_learning_rates(opts, from, dims.layers);
     let top = Top {
         layers,
         dims,
         eps: file.layer_norm_eps,
         kernels: Kernels::Fused,
     };
-    let targets: Vec<Target> = train.iter().map(|t| t.1).collect();
-    let weights = LossWeights::from_targets(&targets);
-    let params = |lr: f64| candle_nn::ParamsAdamW {
-        lr,
-        weight_decay: base.weight_decay,
-        ..Default::default()
+    let run = Run {
+        top: &top,
+        varmap,
+        heads,
+        heads_vars,
+        enc_vars,
+        layer_lr: layer_learning_rates(opts, from, dims.layers),
+        states,
+        train,
+        dev,
+        base,
+        opts,
+        progress,
     };
-    let mut opt_enc: Vec<fused::AdamW> = enc_vars
-        .into_iter()
-        .zip(&layer_lr)
-        .map(|(vars, &lr)| fused::AdamW::new(vars, params(lr)))
-        .collect();
-    let mut opt_heads = fused::AdamW::new(heads_vars, params(opts.heads_lr));
-
-    let dev_idx: Vec<usize> = dev.iter().map(|d| d.0).collect();
-    let dev_gold: Vec<Label> = dev.iter().map(|d| d.1).collect();
-    let (_, f0) = trainer::calibrate(&probs(&top, heads, states, &dev_idx)?, &dev_gold);
-    let mut best = (0usize, f0, trainer::snapshot(varmap)?);
-    progress.set_message(format!("epoch 0 (frozen): dev weighted F1 {f0:.4}"));
-
-    let train_idx: Vec<usize> = train.iter().map(|t| t.0).collect();
-    let target_of: HashMap<usize, Target> = train.iter().copied().collect();
-    let steps_per_epoch = train_idx.len().div_ceil(opts.batch_size);
-    let total_steps = (steps_per_epoch * opts.epochs) as f64;
-    progress.set_length(total_steps as u64);
-    let mut step = 0f64;
-    let started = std::time::Instant::now();
-    for epoch in 1..=opts.epochs {
-        for batch in length_batches(&mut rng, &states.lens, &train_idx, opts.batch_size) {
-            // Linear warm-up over the first 5% of steps, then linear decay.
-            let warm = (total_steps * 0.05).max(1.0);
-            let f = if step < warm {
-                (step + 1.0) / warm
-            } else {
-                ((total_steps - step) / (total_steps - warm)).max(0.02)
-            };
-            for (opt, lr) in opt_enc.iter_mut().zip(&layer_lr) {
-                opt.set_learning_rate(lr * f);
-            }
-            opt_heads.set_learning_rate(opts.heads_lr * f);
-            let (x, m) = states.batch(&batch, &Device::Cpu)?;
-            let emb = top.forward_dropout(&x, &m, Some((&mut rng, opts.dropout)))?;
-            let mask = trainer::dropout_mask(
-                &mut rng,
-                batch.len(),
-                base.trunk,
-                base.dropout,
-                &Device::Cpu,
-            )?;
-            let (u, c) = heads.logits(&emb, Some(&mask))?;
-            let t: Vec<Target> = batch.iter().map(|i| target_of[i]).collect();
-            let loss = weights.joint_loss(&u, &c, &t, base.category_weight)?;
-            let grads = loss.backward()?;
-            for opt in opt_enc.iter_mut() {
-                opt.step(&grads)?;
-            }
-            opt_heads.step(&grads)?;
-            step += 1.0;
-            progress.inc(1);
+    let runs = opts.runs.max(1);
+    progress.set_length((train.len().div_ceil(opts.batch_size) * opts.epochs * runs) as u64);
+    let start = (runs > 1).then(|| trainer::snapshot(varmap)).transpose()?;
+    let mut kept = Vec::with_capacity(runs);
+    for r in 0..runs {
+        if let Some(start) = &start {
+            trainer::restore(varmap, start.clone())?;
         }
-        let (_, f1) = trainer::calibrate(&probs(&top, heads, states, &dev_idx)?, &dev_gold);
-        eprintln!(
-            "tune epoch {epoch}: dev weighted F1 {f1:.4} (best so far {:.4}; {:.0}s since tuning \
-             began)",
-            best.1,
-            started.elapsed().as_secs_f64()
-        );
-        let keep = if opts.keep_last {
-            epoch == opts.epochs
-        } else {
-            f1 > best.1
-        };
-        if keep {
-            best = (epoch, f1, trainer::snapshot(varmap)?);
-        }
-        progress.set_message(format!("epoch {epoch}: dev weighted F1 {f1:.4}"));
+        kept.push(run.once(r)?);
     }
-    let (best_epoch, best_dev_f1, snap) = best;
-    trainer::restore(varmap, snap)?;
+    let results: Vec<(usize, f64)> = kept.iter().map(|k| (k.0, k.1)).collect();
+    let best_epoch = results.iter().map(|r| r.0).max().unwrap_or(0);
+    let best_dev_f1 = if runs == 1 {
+        let (_, f1, snap) = kept.pop().expect("one run");
+        trainer::restore(varmap, snap)?;
+        f1
+    } else {
+        trainer::restore(varmap, average(kept.into_iter().map(|k| k.2).collect())?)?;
+        let f1 = run.dev_f1()?;
+        eprintln!(
+            "average of {runs} tuning runs: dev weighted F1 {f1:.4} (runs: {})",
+            results
+                .iter()
+                .map(|r| format!("{:.4}", r.1))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        f1
+    };
     let layers = if best_epoch == 0 {
         Vec::new()
     } else {
@@ -549,7 +521,156 @@ pub fn tune(
         layers,
         best_epoch,
         best_dev_f1,
+        runs: results,
     })
+}
+
+/// The element-wise mean of snapshots of the same variables (in the same order).
+fn average(snapshots: Vec<Vec<(String, Tensor)>>) -> Result<Vec<(String, Tensor)>> {
+    let n = snapshots.len() as f64;
+    let mut it = snapshots.into_iter().map(|mut s| {
+        s.sort_by(|a, b| a.0.cmp(&b.0));
+        s
+    });
+    let mut sum = it.next().unwrap_or_default();
+    for snap in it {
+        for ((name, acc), (other, t)) in sum.iter_mut().zip(snap) {
+            if *name != other {
+                return Err(Error::Heads(format!(
+                    "cannot average runs: variable {name} meets {other}"
+                )));
+            }
+            *acc = (&*acc + t)?;
+        }
+    }
+    sum.into_iter()
+        .map(|(name, t)| Ok((name, (t / n)?)))
+        .collect()
+}
+
+/// What one fine-tuning run needs; [`Run::once`] trains from the variables' current values.
+struct Run<'a> {
+    top: &'a Top,
+    varmap: &'a VarMap,
+    heads: &'a Heads,
+    heads_vars: Vec<Var>,
+    /// Each tuned layer's variables, bottom first, with their learning rates.
+    enc_vars: Vec<Vec<Var>>,
+    layer_lr: Vec<f64>,
+    states: &'a TokenStates,
+    train: &'a [(usize, Target)],
+    dev: &'a [(usize, Label)],
+    base: &'a TrainOptions,
+    opts: &'a TuneOptions,
+    progress: &'a indicatif::ProgressBar,
+}
+
+impl Run<'_> {
+    /// Calibrated dev weighted F1 of the current weights.
+    fn dev_f1(&self) -> Result<f64> {
+        let idx: Vec<usize> = self.dev.iter().map(|d| d.0).collect();
+        let gold: Vec<Label> = self.dev.iter().map(|d| d.1).collect();
+        let probs = probs(self.top, self.heads, self.states, &idx)?;
+        Ok(trainer::calibrate(&probs, &gold).1)
+    }
+
+    /// Run `r` (its own batch order and dropout; run 0 draws as a single run always has):
+    /// its kept epoch, that epoch's dev F1 and a snapshot of every variable then.
+    #[allow(clippy::type_complexity)]
+    fn once(&self, r: usize) -> Result<(usize, f64, Vec<(String, Tensor)>)> {
+        let (base, opts) = (self.base, self.opts);
+        let seed = base.seed ^ 0x7475_6e65 ^ (r as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let targets: Vec<Target> = self.train.iter().map(|t| t.1).collect();
+        let weights = LossWeights::from_targets(&targets);
+        let params = |lr: f64| candle_nn::ParamsAdamW {
+            lr,
+            weight_decay: base.weight_decay,
+            ..Default::default()
+        };
+        // One optimizer per tuned layer, each with its share of the encoder learning rate;
+        // fresh moments for every run.
+        let mut opt_enc: Vec<fused::AdamW> = self
+            .enc_vars
+            .iter()
+            .zip(&self.layer_lr)
+            .map(|(vars, &lr)| fused::AdamW::new(vars.clone(), params(lr)))
+            .collect();
+        let mut opt_heads = fused::AdamW::new(self.heads_vars.clone(), params(opts.heads_lr));
+
+        let f0 = self.dev_f1()?;
+        let mut best = (0usize, f0, trainer::snapshot(self.varmap)?);
+        self.progress.set_message(format!(
+            "run {}, epoch 0 (frozen): dev weighted F1 {f0:.4}",
+            r + 1
+        ));
+
+        let train_idx: Vec<usize> = self.train.iter().map(|t| t.0).collect();
+        let target_of: HashMap<usize, Target> = self.train.iter().copied().collect();
+        let steps_per_epoch = train_idx.len().div_ceil(opts.batch_size);
+        let total_steps = (steps_per_epoch * opts.epochs) as f64;
+        let mut step = 0f64;
+        let started = std::time::Instant::now();
+        for epoch in 1..=opts.epochs {
+            for batch in length_batches(&mut rng, &self.states.lens, &train_idx, opts.batch_size) {
+                // Linear warm-up over the first 5% of steps, then linear decay.
+                let warm = (total_steps * 0.05).max(1.0);
+                let f = if step < warm {
+                    (step + 1.0) / warm
+                } else {
+                    ((total_steps - step) / (total_steps - warm)).max(0.02)
+                };
+                for (opt, lr) in opt_enc.iter_mut().zip(&self.layer_lr) {
+                    opt.set_learning_rate(lr * f);
+                }
+                opt_heads.set_learning_rate(opts.heads_lr * f);
+                let (x, m) = self.states.batch(&batch, &Device::Cpu)?;
+                let emb = self
+                    .top
+                    .forward_dropout(&x, &m, Some((&mut rng, opts.dropout)))?;
+                let mask = trainer::dropout_mask(
+                    &mut rng,
+                    batch.len(),
+                    base.trunk,
+                    base.dropout,
+                    &Device::Cpu,
+                )?;
+                let (u, c) = self.heads.logits(&emb, Some(&mask))?;
+                let t: Vec<Target> = batch.iter().map(|i| target_of[i]).collect();
+                let loss = weights.joint_loss(&u, &c, &t, base.category_weight)?;
+                let grads = loss.backward()?;
+                for opt in opt_enc.iter_mut() {
+                    opt.step(&grads)?;
+                }
+                opt_heads.step(&grads)?;
+                step += 1.0;
+                self.progress.inc(1);
+            }
+            let f1 = self.dev_f1()?;
+            let run_text = if opts.runs > 1 {
+                format!("run {} ", r + 1)
+            } else {
+                String::new()
+            };
+            eprintln!(
+                "{run_text}tune epoch {epoch}: dev weighted F1 {f1:.4} (best so far {:.4}; {:.0}s \
+                 since tuning began)",
+                best.1,
+                started.elapsed().as_secs_f64()
+            );
+            let keep = if opts.keep_last {
+                epoch == opts.epochs
+            } else {
+                f1 > best.1
+            };
+            if keep {
+                best = (epoch, f1, trainer::snapshot(self.varmap)?);
+            }
+            self.progress
+                .set_message(format!("{run_text}epoch {epoch}: dev weighted F1 {f1:.4}"));
+        }
+        Ok(best)
+    }
 }
 
 /// What [`bench_steps`] measured.
@@ -776,6 +897,38 @@ mod tests {
             flat.iter().all(|&r| r == TuneOptions::default().encoder_lr),
             "{flat:?}"
         );
+    }
+
+    #[test]
+    fn averaging_runs_takes_the_mean_of_each_variable_whatever_the_order() {
+        let t = |v: &[f32]| Tensor::from_slice(v, v.len(), &Device::Cpu).unwrap();
+        let a = vec![
+            ("x".to_string(), t(&[1.0, 2.0])),
+            ("y".to_string(), t(&[0.0])),
+        ];
+        // The second run's snapshot lists its variables in another order.
+        let b = vec![
+            ("y".to_string(), t(&[4.0])),
+            ("x".to_string(), t(&[3.0, -2.0])),
+        ];
+        let mean = average(vec![a.clone(), b]).unwrap();
+        let got: Vec<(String, Vec<f32>)> = mean
+            .into_iter()
+            .map(|(k, v)| (k, v.to_vec1::<f32>().unwrap()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("x".to_string(), vec![2.0, 0.0]),
+                ("y".to_string(), vec![2.0])
+            ]
+        );
+        let other = vec![
+            ("x".to_string(), t(&[1.0, 2.0])),
+            ("z".to_string(), t(&[0.0])),
+        ];
+        let err = average(vec![a, other]).expect_err("different variables");
+        assert!(err.to_string().contains("cannot average runs"), "{err}");
     }
 
     #[test]
