@@ -478,12 +478,14 @@ pub fn tune(
     let runs = opts.runs.max(1);
     progress.set_length((train.len().div_ceil(opts.batch_size) * opts.epochs * runs) as u64);
     let start = (runs > 1).then(|| trainer::snapshot(varmap)).transpose()?;
+    // Every run starts from the same weights: score the frozen model on dev once.
+    let f0 = run.dev_f1()?;
     let mut kept = Vec::with_capacity(runs);
     for r in 0..runs {
         if let Some(start) = &start {
             trainer::restore(varmap, start.clone())?;
         }
-        kept.push(run.once(r)?);
+        kept.push(run.once(r, f0)?);
     }
     let results: Vec<(usize, f64)> = kept.iter().map(|k| (k.0, k.1)).collect();
     let best_epoch = results.iter().map(|r| r.0).max().unwrap_or(0);
@@ -574,10 +576,11 @@ impl Run<'_> {
         Ok(trainer::calibrate(&probs, &gold).1)
     }
 
-    /// Run `r` (its own batch order and dropout; run 0 draws as a single run always has):
-    /// its kept epoch, that epoch's dev F1 and a snapshot of every variable then.
+    /// Run `r` (its own batch order and dropout; run 0 draws as a single run always has) from
+    /// the start, whose dev F1 is `f0`: its kept epoch, that epoch's dev F1 and a snapshot of
+    /// every variable then.
     #[allow(clippy::type_complexity)]
-    fn once(&self, r: usize) -> Result<(usize, f64, Vec<(String, Tensor)>)> {
+    fn once(&self, r: usize, f0: f64) -> Result<(usize, f64, Vec<(String, Tensor)>)> {
         let (base, opts) = (self.base, self.opts);
         let seed = base.seed ^ 0x7475_6e65 ^ (r as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -598,7 +601,6 @@ impl Run<'_> {
             .collect();
         let mut opt_heads = fused::AdamW::new(self.heads_vars.clone(), params(opts.heads_lr));
 
-        let f0 = self.dev_f1()?;
         let mut best = (0usize, f0, trainer::snapshot(self.varmap)?);
         self.progress.set_message(format!(
             "run {}, epoch 0 (frozen): dev weighted F1 {f0:.4}",
