@@ -461,6 +461,7 @@ pub fn tune(
         eps: file.layer_norm_eps,
         kernels: Kernels::Fused,
     };
+    let targets: Vec<Target> = train.iter().map(|t| t.1).collect();
     let run = Run {
         top: &top,
         varmap,
@@ -469,8 +470,11 @@ pub fn tune(
         enc_vars,
         layer_lr: layer_learning_rates(opts, from, dims.layers),
         states,
-        train,
-        dev,
+        weights: LossWeights::from_targets(&targets),
+        train_idx: train.iter().map(|t| t.0).collect(),
+        target_of: train.iter().copied().collect(),
+        dev_idx: dev.iter().map(|d| d.0).collect(),
+        dev_gold: dev.iter().map(|d| d.1).collect(),
         base,
         opts,
         progress,
@@ -527,7 +531,7 @@ pub fn tune(
     })
 }
 
-/// The element-wise mean of snapshots of the same variables (in the same order).
+/// The element-wise mean of snapshots of the same variables, whatever order each lists them in.
 fn average(snapshots: Vec<Vec<(String, Tensor)>>) -> Result<Vec<(String, Tensor)>> {
     let n = snapshots.len() as f64;
     let mut it = snapshots.into_iter().map(|mut s| {
@@ -550,7 +554,8 @@ fn average(snapshots: Vec<Vec<(String, Tensor)>>) -> Result<Vec<(String, Tensor)
         .collect()
 }
 
-/// What one fine-tuning run needs; [`Run::once`] trains from the variables' current values.
+/// What every fine-tuning run shares (built once); [`Run::once`] trains from the variables'
+/// current values.
 struct Run<'a> {
     top: &'a Top,
     varmap: &'a VarMap,
@@ -560,8 +565,14 @@ struct Run<'a> {
     enc_vars: Vec<Vec<Var>>,
     layer_lr: Vec<f64>,
     states: &'a TokenStates,
-    train: &'a [(usize, Target)],
-    dev: &'a [(usize, Label)],
+    /// The loss's class weights, from the train targets.
+    weights: LossWeights,
+    /// Train items (indices into `states`) and their targets.
+    train_idx: Vec<usize>,
+    target_of: HashMap<usize, Target>,
+    /// Dev items (indices into `states`) and their labels.
+    dev_idx: Vec<usize>,
+    dev_gold: Vec<Label>,
     base: &'a TrainOptions,
     opts: &'a TuneOptions,
     progress: &'a indicatif::ProgressBar,
@@ -570,10 +581,8 @@ struct Run<'a> {
 impl Run<'_> {
     /// Calibrated dev weighted F1 of the current weights.
     fn dev_f1(&self) -> Result<f64> {
-        let idx: Vec<usize> = self.dev.iter().map(|d| d.0).collect();
-        let gold: Vec<Label> = self.dev.iter().map(|d| d.1).collect();
-        let probs = probs(self.top, self.heads, self.states, &idx)?;
-        Ok(trainer::calibrate(&probs, &gold).1)
+        let probs = probs(self.top, self.heads, self.states, &self.dev_idx)?;
+        Ok(trainer::calibrate(&probs, &self.dev_gold).1)
     }
 
     /// Run `r` (its own batch order and dropout; run 0 draws as a single run always has) from
@@ -584,8 +593,6 @@ impl Run<'_> {
         let (base, opts) = (self.base, self.opts);
         let seed = base.seed ^ 0x7475_6e65 ^ (r as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let targets: Vec<Target> = self.train.iter().map(|t| t.1).collect();
-        let weights = LossWeights::from_targets(&targets);
         let params = |lr: f64| candle_nn::ParamsAdamW {
             lr,
             weight_decay: base.weight_decay,
@@ -607,14 +614,17 @@ impl Run<'_> {
             r + 1
         ));
 
-        let train_idx: Vec<usize> = self.train.iter().map(|t| t.0).collect();
-        let target_of: HashMap<usize, Target> = self.train.iter().copied().collect();
-        let steps_per_epoch = train_idx.len().div_ceil(opts.batch_size);
+        let steps_per_epoch = self.train_idx.len().div_ceil(opts.batch_size);
         let total_steps = (steps_per_epoch * opts.epochs) as f64;
         let mut step = 0f64;
         let started = std::time::Instant::now();
         for epoch in 1..=opts.epochs {
-            for batch in length_batches(&mut rng, &self.states.lens, &train_idx, opts.batch_size) {
+            for batch in length_batches(
+                &mut rng,
+                &self.states.lens,
+                &self.train_idx,
+                opts.batch_size,
+            ) {
                 // Linear warm-up over the first 5% of steps, then linear decay.
                 let warm = (total_steps * 0.05).max(1.0);
                 let f = if step < warm {
@@ -638,8 +648,8 @@ impl Run<'_> {
                     &Device::Cpu,
                 )?;
                 let (u, c) = self.heads.logits(&emb, Some(&mask))?;
-                let t: Vec<Target> = batch.iter().map(|i| target_of[i]).collect();
-                let loss = weights.joint_loss(&u, &c, &t, base.category_weight)?;
+                let t: Vec<Target> = batch.iter().map(|i| self.target_of[i]).collect();
+                let loss = self.weights.joint_loss(&u, &c, &t, base.category_weight)?;
                 let grads = loss.backward()?;
                 for opt in opt_enc.iter_mut() {
                     opt.step(&grads)?;
