@@ -712,7 +712,8 @@ fn model_card(
         cat_thresholds += &format!("| {} | {t:.2} |\n", c.id());
     }
     let tune_flags = if job.tune.layers == 0 {
-        recipe_flags(job)
+        // Spelled out: the command's default tunes layers.
+        format!("{} --tune-layers 0", recipe_flags(job))
     } else {
         format!(
             "{} --tune-layers {} --tune-epochs {}{}",
@@ -778,7 +779,7 @@ fn model_card(
            only go below the global threshold, so dev F1 never buys precision with their recall):\n\n\
          | category | threshold |\n|---|---|\n{cat_thresholds}\n\
          ## Training\n\n\
-         `guardian train --data {data} --out {out}{tune_flags}` — seed {seed}, {epochs} epochs ({best_text}), batch {batch},\n\
+         `guardian {backbone_flag}train --data {data} --out {out}{tune_flags}` — seed {seed}, {epochs} epochs ({best_text}), batch {batch},\n\
          AdamW lr {lr} (cosine), weight decay {wd}, dropout {dropout}, category loss weight {cw},\n\
          hard-negative loss weight {hnw} (heads, tuning and lexical model; classes balanced by weighted mass),\n\
          splits dev {devf} / test {testf} stratified by source, label, category and language.\n\
@@ -792,6 +793,10 @@ fn model_card(
         threshold = meta.unsafe_threshold,
         data = job.data.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" --data "),
         out = job.out.display(),
+        backbone_flag = match job.spec.backbone {
+            crate::model::Backbone::E5Small => String::new(),
+            b => format!("--backbone {b} "),
+        },
         seed = o.seed,
         epochs = o.epochs,
         batch = o.batch_size,
