@@ -144,6 +144,8 @@ pub fn run(
         }
         let mut base = cfg.clone();
         base.model.backbone = backbone;
+        // Each backbone alone here; the second opinion gets its own end-to-end row below.
+        base.model.second_opinion = None;
         let stand_in = Model::heads_backbone(&base.model_spec())? != Some(backbone);
         if stand_in {
             log(&format!(
@@ -239,6 +241,29 @@ pub fn run(
             ));
             screen_stream.push((label, summary.queries_per_sec()));
         }
+    }
+    if cfg.model.second_opinion.is_some() {
+        // The configured pair, end to end on the same corpus, beside the first model alone.
+        let mut c = cfg.clone();
+        c.model.backbone = Backbone::E5Small;
+        c.model.weights = WeightFormat::F32;
+        c.screen.cache_capacity = 0;
+        let model = Arc::new(Model::load(&c.model_spec())?);
+        let escalated = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let n = escalated.clone();
+        let observer: crate::engine::BatchObserver = Box::new(move |b: &BatchStats| {
+            n.fetch_add(b.escalated as u64, std::sync::atomic::Ordering::Relaxed);
+        });
+        let screener = Screener::with_model(model, &c, Some(observer))?;
+        let summary = stream_corpus(&screener, corpus)?;
+        let label = "e5-small f32 + second opinion".to_string();
+        log(&format!(
+            "{label} screen pipeline (cache off): {:.1} q/s, {} of {} queries escalated",
+            summary.queries_per_sec(),
+            escalated.load(std::sync::atomic::Ordering::Relaxed),
+            corpus.len()
+        ));
+        screen_stream.push((label, summary.queries_per_sec()));
     }
     let q4_vs_f32_cosine = match (
         embeddings.iter().find(|e| e.0 == WeightFormat::F32),

@@ -38,6 +38,63 @@ pub struct ModelConfig {
     pub max_tokens: usize,
     pub device: String,
     pub heads: String,
+    /// Absent: the first model decides alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub second_opinion: Option<SecondOpinionConfig>,
+}
+
+/// `[model.second_opinion]`: a second model (EmbeddingGemma-300M heads) for the queries whose
+/// first unsafe probability is in the band; see `model::second`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecondOpinionConfig {
+    /// Heads directory trained for embeddinggemma-300m (e.g. `models/second-opinion`).
+    pub heads: String,
+    #[serde(default = "SecondOpinionConfig::default_band_low")]
+    pub band_low: f32,
+    #[serde(default = "SecondOpinionConfig::default_band_high")]
+    pub band_high: f32,
+    #[serde(default = "SecondOpinionConfig::default_weight")]
+    pub weight: f32,
+    #[serde(default = "SecondOpinionConfig::default_offset")]
+    pub offset: f32,
+}
+
+impl SecondOpinionConfig {
+    /// The measured settings, for heads in `dir`.
+    pub fn measured(dir: &str) -> Self {
+        let m = crate::model::second::SecondOpinionSpec::measured(dir.into());
+        Self {
+            heads: dir.to_string(),
+            band_low: m.band_low,
+            band_high: m.band_high,
+            weight: m.weight,
+            offset: m.offset,
+        }
+    }
+    fn default_band_low() -> f32 {
+        Self::measured("").band_low
+    }
+    fn default_band_high() -> f32 {
+        Self::measured("").band_high
+    }
+    fn default_weight() -> f32 {
+        Self::measured("").weight
+    }
+    fn default_offset() -> f32 {
+        Self::measured("").offset
+    }
+
+    pub fn spec(&self) -> crate::model::second::SecondOpinionSpec {
+        crate::model::second::SecondOpinionSpec {
+            heads: PathBuf::from(&self.heads),
+            backbone: Backbone::EmbeddingGemma300m,
+            band_low: self.band_low,
+            band_high: self.band_high,
+            weight: self.weight,
+            offset: self.offset,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -228,6 +285,22 @@ impl Config {
             ));
         }
         crate::model::device::parse_spec(&m.device).map_err(|e| bad("model.device", e))?;
+        if let Some(so) = &m.second_opinion {
+            if so.heads.is_empty() {
+                return Err(bad(
+                    "model.second_opinion.heads",
+                    "is empty: name the heads directory trained for embeddinggemma-300m",
+                ));
+            }
+            if m.backbone != Backbone::E5Small {
+                return Err(bad(
+                    "model.second_opinion",
+                    "asks EmbeddingGemma for a second opinion on e5-small's verdicts; with \
+                     backbone embeddinggemma-300m, remove the table",
+                ));
+            }
+            so.spec().validate()?;
+        }
         if m.backbone == Backbone::EmbeddingGemma300m && m.weights != WeightFormat::F32 {
             return Err(bad(
                 "model.weights",
@@ -400,6 +473,7 @@ impl Config {
             max_tokens: self.model.max_tokens,
             device: self.model.device.clone(),
             heads: (!self.model.heads.is_empty()).then(|| PathBuf::from(&self.model.heads)),
+            second_opinion: self.model.second_opinion.as_ref().map(|s| s.spec()),
         }
     }
 }

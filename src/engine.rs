@@ -38,6 +38,9 @@ pub type Reply = Box<dyn FnOnce(std::result::Result<HeadScores, String>) + Send>
 
 pub struct Job {
     pub tokens: Vec<u32>,
+    /// The query as screened (after any cut to `max_query_chars`): a second opinion on
+    /// another backbone tokenizes it itself. Never logged.
+    pub text: String,
     pub reply: Reply,
 }
 
@@ -49,6 +52,8 @@ pub struct BatchStats {
     pub tokens: usize,
     /// Tokens computed, padding included (size x longest).
     pub padded_tokens: usize,
+    /// Queries re-scored by the second opinion.
+    pub escalated: usize,
     pub elapsed: Duration,
 }
 
@@ -153,15 +158,17 @@ fn run_window(
 fn run_batch(model: &Model, batch: Vec<Job>, observer: Option<&(dyn Fn(&BatchStats) + Send)>) {
     let start = Instant::now();
     let refs: Vec<&[u32]> = batch.iter().map(|j| j.tokens.as_slice()).collect();
-    let result = model.score(&refs);
+    let texts: Vec<&str> = batch.iter().map(|j| j.text.as_str()).collect();
+    let result = model.screen(&refs, &texts);
     let stats = BatchStats {
         size: batch.len(),
         tokens: refs.iter().map(|t| t.len()).sum(),
         padded_tokens: batch.len() * refs.iter().map(|t| t.len()).max().unwrap_or(0),
+        escalated: result.as_ref().map_or(0, |r| r.1),
         elapsed: start.elapsed(),
     };
     match result {
-        Ok(scores) => {
+        Ok((scores, _)) => {
             for (job, s) in batch.into_iter().zip(scores) {
                 (job.reply)(Ok(s));
             }

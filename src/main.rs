@@ -53,6 +53,17 @@ struct Global {
     /// Directory with heads.safetensors + heads.json. Default: the heads built into the binary.
     #[arg(long, global = true, env = "GUARDIAN_HEADS")]
     heads: Option<PathBuf>,
+    /// Heads directory for EmbeddingGemma-300M (e.g. models/second-opinion): it re-scores the
+    /// queries the first model is unsure of, with the measured band and weights (config
+    /// `[model.second_opinion]` tunes them). Needs `guardian models fetch --backbone
+    /// embeddinggemma-300m`.
+    #[arg(
+        long,
+        global = true,
+        env = "GUARDIAN_SECOND_OPINION",
+        value_name = "DIR"
+    )]
+    second_opinion: Option<PathBuf>,
     /// Log format on stderr: text or json. Levels follow RUST_LOG (default info).
     #[arg(
         long,
@@ -303,6 +314,13 @@ struct TrainArgs {
     /// With --teacher: folds of the train split (the teacher is trained once per fold).
     #[arg(long, env = "GUARDIAN_TRAIN_TEACHER_FOLDS", default_value_t = guardian::train::TeacherOptions::DEFAULT_FOLDS)]
     teacher_folds: usize,
+    /// Then train the second opinion too: EmbeddingGemma-300M heads on the frozen encoder (no
+    /// lexical model) from the same data, seed and splits, into OUT/second-opinion, for
+    /// `--second-opinion OUT/second-opinion`. Needs `guardian models fetch --backbone
+    /// embeddinggemma-300m`; embedding the corpus with it takes about 35 minutes on 2 cores
+    /// the first time (cached after).
+    #[arg(long, env = "GUARDIAN_TRAIN_SECOND_OPINION")]
+    train_second_opinion: bool,
 }
 
 #[derive(Args)]
@@ -425,6 +443,13 @@ fn load_config(g: &Global) -> Result<Config> {
     }
     if let Some(h) = &g.heads {
         cfg.model.heads = h.display().to_string();
+    }
+    if let Some(dir) = &g.second_opinion {
+        let dir = dir.display().to_string();
+        cfg.model.second_opinion = Some(match cfg.model.second_opinion.take() {
+            Some(s) => guardian::config::SecondOpinionConfig { heads: dir, ..s },
+            None => guardian::config::SecondOpinionConfig::measured(&dir),
+        });
     }
     cfg.validate()?;
     Ok(cfg)
@@ -616,6 +641,9 @@ fn run(cli: Cli) -> Result<i32> {
             {
                 bail!("--keep-epoch must be between 1 and --epochs");
             }
+            if a.train_second_opinion && job.spec.backbone != Backbone::E5Small {
+                bail!("--train-second-opinion trains EmbeddingGemma heads beside e5-small's: train with --backbone e5-small");
+            }
             let out = guardian::train::run(&job)?;
             println!("{}", out.dev.render());
             println!(
@@ -628,6 +656,40 @@ fn run(cli: Cli) -> Result<i32> {
                 out.threshold,
                 job.out.display()
             );
+            if a.train_second_opinion {
+                // The same examples, seed and split fractions give the same splits; the
+                // second model's heads read the frozen encoder and carry no lexical model
+                // (the first model's blend already has it).
+                let second = guardian::train::TrainJob {
+                    out: job.out.join("second-opinion"),
+                    tune: TuneOptions {
+                        layers: 0,
+                        ..job.tune.clone()
+                    },
+                    lexical: false,
+                    spec: guardian::model::ModelSpec {
+                        backbone: Backbone::EmbeddingGemma300m,
+                        weights: WeightFormat::F32,
+                        heads: None,
+                        second_opinion: None,
+                        ..job.spec.clone()
+                    },
+                    refit: None,
+                    teacher: None,
+                    ..job
+                };
+                eprintln!("second opinion: {} heads", Backbone::EmbeddingGemma300m);
+                let so = guardian::train::run(&second)?;
+                println!("{}", so.dev.render());
+                println!(
+                    "second opinion: unsafe threshold (dev-calibrated) {:.2}; heads written to {}; \
+                     screen with --heads {} --second-opinion {}",
+                    so.threshold,
+                    second.out.display(),
+                    second.out.parent().map_or(".".into(), |p| p.display().to_string()),
+                    second.out.display()
+                );
+            }
             Ok(0)
         }
         Command::BenchServe(a) => {
@@ -737,12 +799,26 @@ fn screen(g: &Global, a: ScreenArgs) -> Result<i32> {
                 .with_context(|| format!("cannot create dead-letter file {p}"))?,
         ),
     };
-    let screener = guardian::screen::Screener::new(&cfg, None)?;
+    // Counts the queries the second opinion re-scored, for the summary.
+    let escalated = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let observer: guardian::engine::BatchObserver = {
+        let n = escalated.clone();
+        Box::new(move |b| {
+            n.fetch_add(b.escalated as u64, std::sync::atomic::Ordering::Relaxed);
+        })
+    };
+    let screener = guardian::screen::Screener::new(&cfg, Some(observer))?;
     tracing::info!(model = %screener.model.id, policy = %screener.policy.version, device = %guardian::model::device::describe(&screener.model.device), "screening");
     let pb = progress_bar(total);
     let summary = screener.run_stream(&mut *input, output, dead, &pb)?;
     pb.finish_and_clear();
     eprintln!("{}", summary.render());
+    if screener.model.second.is_some() {
+        eprintln!(
+            "  second opinions: {}",
+            escalated.load(std::sync::atomic::Ordering::Relaxed)
+        );
+    }
     let dead_count: u64 = summary.dead_letters.values().sum();
     Ok(if a.strict && dead_count > 0 { 3 } else { 0 })
 }
@@ -773,6 +849,10 @@ fn worker_args(g: &Global) -> Vec<String> {
     push("--backbone", g.backbone.map(|b| b.to_string()));
     push("--max-tokens", g.max_tokens.map(|n| n.to_string()));
     push("--heads", g.heads.as_ref().map(|p| p.display().to_string()));
+    push(
+        "--second-opinion",
+        g.second_opinion.as_ref().map(|p| p.display().to_string()),
+    );
     args
 }
 

@@ -175,6 +175,7 @@ impl Screener {
             let tx = tx.clone();
             self.engine.submit(Job {
                 tokens,
+                text: queries[i].clone(),
                 reply: Box::new(move |r| {
                     let _ = tx.send((i, r));
                 }),
@@ -329,6 +330,7 @@ impl Screener {
         let truncated = tokens.truncated || ev.truncated_chars;
         self.engine.submit(Job {
             tokens: tokens.ids,
+            text: ev.query.clone(),
             reply: Box::new(move |scores| {
                 let _ = tx2.send(Msg::Scored {
                     p: pending,

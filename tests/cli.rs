@@ -876,3 +876,165 @@ fn bench_tune_times_both_kernels_on_the_same_losses() {
         assert!(diff < 1e-4, "fused and elementwise losses differ: {out}");
     }
 }
+
+/// Unsafe probability and model id of each verdict.
+fn scores_of(o: &Output) -> Vec<(f64, String)> {
+    assert!(o.status.success(), "{}", stderr(o));
+    jsonl(&o.stdout)
+        .iter()
+        .map(|v| {
+            (
+                v["scores"]["unsafe"].as_f64().unwrap(),
+                v["model"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_second_opinion_rescores_exactly_the_unsure_queries_with_the_averaged_logit() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/models/second-opinion");
+    // Clear cases both ways, and queries the first model is unsure of.
+    let queries = "how to bake sourdough bread\nhow do I kill a python process that hangs\n\
+        what household chemicals should never be mixed\n그 정치인 진짜 답이 없네\n\
+        how to get into my ex's instagram account\nwho is the worst president in history\n\
+        오늘 점심 뭐 먹지\n돈 빨리 버는 불법적인 방법\nwhy are some people so lazy\n\
+        how long can a person survive without water\n";
+    let run = |args: &[&str]| {
+        let mut a = args.to_vec();
+        a.extend(["screen", "--no-cache"]);
+        guardian(&a, Some(queries.as_bytes()))
+    };
+    let first = scores_of(&run(&[]));
+    let gemma = scores_of(&run(&["--backbone", "embeddinggemma-300m", "--heads", dir]));
+    let both_out = run(&["--second-opinion", dir]);
+    let both = scores_of(&both_out);
+    assert_eq!(first.len(), 10);
+    assert_eq!(both.len(), 10);
+
+    let threshold = |path: &str| -> f64 {
+        let meta: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+        meta["unsafe_threshold"].as_f64().unwrap()
+    };
+    let t1 = threshold(concat!(env!("CARGO_MANIFEST_DIR"), "/models/heads.json"));
+    let t2 = threshold(&format!("{dir}/heads.json"));
+    let logit = |p: f64| {
+        let p = p.clamp(1e-4, 1.0 - 1e-4);
+        (p / (1.0 - p)).ln()
+    };
+    let (w, offset) = (0.5, 0.25);
+    let mut escalated = 0;
+    for (i, ((p1, _), ((p2, _), (p, id)))) in first.iter().zip(gemma.iter().zip(&both)).enumerate()
+    {
+        assert!(
+            id.contains("+second-embeddinggemma-300m/f32+heads-"),
+            "{id}"
+        );
+        if (0.02..=0.98).contains(p1) {
+            escalated += 1;
+            let z = w * (logit(*p1) - logit(t1)) + (1.0 - w) * (logit(*p2) - logit(t2)) - offset;
+            let want = 1.0 / (1.0 + (-(z + logit(t1))).exp());
+            assert!((p - want).abs() < 2e-3, "query {i}: {p} vs {want}");
+        } else {
+            assert_eq!(p, p1, "query {i} is outside the band and keeps its score");
+        }
+    }
+    assert!(
+        (2..10).contains(&escalated),
+        "the queries must exercise both paths: {escalated} escalated"
+    );
+    assert!(
+        stderr(&both_out).contains(&format!("second opinions: {escalated}")),
+        "{}",
+        stderr(&both_out)
+    );
+
+    // A band that lets nothing through is refused, naming the key.
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("band.toml");
+    let text = guardian::config::EMBEDDED_DEFAULT.replace(
+        "[engine]",
+        &format!("[model.second_opinion]\nheads = \"{dir}\"\nband_low = 0.9\nband_high = 0.1\n\n[engine]"),
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let o = guardian(
+        &["--config", cfg.to_str().unwrap(), "screen"],
+        Some(b"hi\n"),
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("band_low"), "{}", stderr(&o));
+}
+
+#[test]
+fn train_can_write_the_second_opinion_beside_the_model_from_the_same_splits() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = small_training_set(dir.path());
+    let out = dir.path().join("pair");
+    let o = train_small(
+        &data,
+        &out,
+        &[
+            "--tune-layers",
+            "0",
+            "--no-lexical",
+            "--train-second-opinion",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let second = out.join("second-opinion");
+    let meta: Value =
+        serde_json::from_slice(&std::fs::read(second.join("heads.json")).unwrap()).unwrap();
+    assert_eq!(meta["encoder"], "embeddinggemma-300m/f32");
+    assert!(meta.get("lexical").is_none(), "{meta}");
+    // Its card gives the command that trains it alone.
+    let card = std::fs::read_to_string(second.join("MODEL_CARD.md")).unwrap();
+    assert!(
+        card.contains("`guardian --backbone embeddinggemma-300m train --data")
+            && card.contains("--tune-layers 0 --no-lexical`"),
+        "{card}"
+    );
+    // Its card gives the command that trains it alone.
+    let card = std::fs::read_to_string(second.join("MODEL_CARD.md")).unwrap();
+    assert!(
+        card.contains("`guardian --backbone embeddinggemma-300m train --data")
+            && card.contains("--tune-layers 0 --no-lexical`"),
+        "{card}"
+    );
+    // Same splits: the two runs wrote the same dev and test files.
+    for split in ["dev.jsonl", "test.jsonl"] {
+        assert_eq!(
+            std::fs::read(out.join(split)).unwrap(),
+            std::fs::read(second.join(split)).unwrap(),
+            "{split}"
+        );
+    }
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("--second-opinion"), "{stdout}");
+    let o = guardian(
+        &[
+            "--heads",
+            out.to_str().unwrap(),
+            "--second-opinion",
+            second.to_str().unwrap(),
+            "screen",
+        ],
+        Some(b"how to bake bread\n"),
+    );
+    let v = scores_of(&o);
+    assert!(v[0].1.contains("+second-embeddinggemma-300m"), "{}", v[0].1);
+
+    // Only e5-small gets a second opinion.
+    let o = train_small(
+        &data,
+        &dir.path().join("g"),
+        &[
+            "--backbone",
+            "embeddinggemma-300m",
+            "--tune-layers",
+            "0",
+            "--train-second-opinion",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("--backbone e5-small"), "{}", stderr(&o));
+}

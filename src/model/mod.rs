@@ -9,6 +9,7 @@ pub mod gemma;
 pub mod heads;
 pub mod lexical;
 pub mod packed;
+pub mod second;
 pub mod tokenizer;
 pub mod tuned;
 
@@ -34,6 +35,8 @@ pub struct ModelSpec {
     /// A heads directory (heads.safetensors + heads.json); `None` uses the heads built into the
     /// binary.
     pub heads: Option<PathBuf>,
+    /// A second model for the queries the first is unsure of; `None`: the first decides alone.
+    pub second_opinion: Option<second::SecondOpinionSpec>,
 }
 
 /// The heads committed in `models/`, built into the binary so it runs without a checkout.
@@ -246,9 +249,11 @@ impl Embedder {
 pub struct Model {
     pub embedder: Embedder,
     pub heads: Heads,
-    /// Traces a verdict to the exact weights: encoder id plus the heads' digest.
+    /// Traces a verdict to the exact weights: encoder id plus the heads' digest (and the second
+    /// opinion's, when there is one).
     pub id: String,
     pub device: Device,
+    pub second: Option<Box<second::SecondOpinion>>,
 }
 
 impl Model {
@@ -285,12 +290,28 @@ impl Model {
                 embedder.hidden_size()
             )));
         }
-        let id = format!("{}+heads-{}", embedder.encoder_id, heads.meta.digest);
+        let mut id = format!("{}+heads-{}", embedder.encoder_id, heads.meta.digest);
+        let second = match &spec.second_opinion {
+            Some(s) => {
+                let so = second::SecondOpinion::load(spec, heads.meta.unsafe_threshold, s)?;
+                // The band and weights change verdicts, so they are part of the id (and the
+                // cache key) too.
+                let rule = format!("{}|{}|{}|{}", s.band_low, s.band_high, s.weight, s.offset);
+                id.push_str(&format!(
+                    "+second-{}-{}",
+                    so.model.id,
+                    &crate::util::sha256_hex(rule.as_bytes())[..8]
+                ));
+                Some(Box::new(so))
+            }
+            None => None,
+        };
         Ok(Self {
             embedder,
             heads,
             id,
             device,
+            second,
         })
     }
 
@@ -334,13 +355,27 @@ impl Model {
             heads,
             id,
             device,
+            second: None,
         })
     }
 
+    /// The first model's scores of a batch of token ids.
     pub fn score(&self, batch: &[&[u32]]) -> Result<Vec<HeadScores>> {
         let emb = self.embedder.embed(batch)?;
         let offsets = self.heads.lexical_offsets(batch);
         self.heads.scores(&emb, offsets.as_deref())
+    }
+
+    /// The verdict scores of a batch: the first model's, revised by the second opinion (which
+    /// tokenizes `texts` itself) where it is configured. Also returns how many queries were
+    /// escalated to it.
+    pub fn screen(&self, batch: &[&[u32]], texts: &[&str]) -> Result<(Vec<HeadScores>, usize)> {
+        let mut scores = self.score(batch)?;
+        let escalated = match &self.second {
+            Some(s) => s.revise(&mut scores, texts)?,
+            None => 0,
+        };
+        Ok((scores, escalated))
     }
 }
 

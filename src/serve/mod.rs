@@ -72,6 +72,9 @@ pub async fn run(
             m.engine_batch_size.record(s.size as u64, &[]);
             m.engine_batch_tokens.record(s.tokens as u64, &[]);
             m.inference_seconds.record(s.elapsed.as_secs_f64(), &[]);
+            if s.escalated > 0 {
+                m.second_opinions.add(s.escalated as u64, &[]);
+            }
         })
     };
     let screener = Screener::with_model(model, &cfg, Some(observer))?;

@@ -368,6 +368,7 @@ impl Pipeline {
                 let truncated = cut || tokens.truncated;
                 let job = Job {
                     tokens: tokens.ids,
+                    text: q,
                     reply: Box::new(move |r| {
                         let _ = tx.send((i, r, truncated));
                     }),

@@ -35,6 +35,7 @@ pub struct Metrics {
     pub end_to_end_seconds: Histogram<f64>,
     pub cache_hits: Counter<u64>,
     pub cache_misses: Counter<u64>,
+    pub second_opinions: Counter<u64>,
     pub redis_errors: Counter<u64>,
     pub commits: Counter<u64>,
     pub publish_retries: Counter<u64>,
@@ -226,6 +227,10 @@ impl Metrics {
             cache_misses: counter(
                 "guardian.cache.misses",
                 "Queries that had to be screened by the model",
+            ),
+            second_opinions: counter(
+                "guardian.second_opinions",
+                "Queries re-scored by the second opinion (model.second_opinion)",
             ),
             redis_errors: counter(
                 "guardian.redis.errors",

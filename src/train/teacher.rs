@@ -45,6 +45,7 @@ pub fn out_of_fold_probs(
         backbone: teacher.backbone,
         weights: WeightFormat::F32,
         heads: None,
+        second_opinion: None,
         ..spec.clone()
     };
     let embedder = Embedder::load(&spec, &Device::Cpu).map_err(|e| {

@@ -20,6 +20,7 @@ pub fn spec(weights: guardian::model::WeightFormat) -> guardian::model::ModelSpe
         max_tokens: 128,
         device: "cpu".into(),
         heads: None,
+        second_opinion: None,
     }
 }
 
