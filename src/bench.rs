@@ -249,11 +249,7 @@ pub fn run(
         c.model.weights = WeightFormat::F32;
         c.screen.cache_capacity = 0;
         let model = Arc::new(Model::load(&c.model_spec())?);
-        let escalated = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let n = escalated.clone();
-        let observer: crate::engine::BatchObserver = Box::new(move |b: &BatchStats| {
-            n.fetch_add(b.escalated as u64, std::sync::atomic::Ordering::Relaxed);
-        });
+        let (escalated, observer) = crate::engine::escalation_counter();
         let screener = Screener::with_model(model, &c, Some(observer))?;
         let summary = stream_corpus(&screener, corpus)?;
         let label = "e5-small f32 + second opinion".to_string();

@@ -5,6 +5,7 @@
 //! `max_batch_tokens`; inside a cut, queries are sorted by length and split so that little
 //! padding is computed.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -58,6 +59,17 @@ pub struct BatchStats {
 }
 
 pub type BatchObserver = Box<dyn Fn(&BatchStats) + Send>;
+
+/// An observer that adds up the queries escalated to the second opinion, and the total it
+/// keeps (read it after the run).
+pub fn escalation_counter() -> (Arc<AtomicU64>, BatchObserver) {
+    let total = Arc::new(AtomicU64::new(0));
+    let n = total.clone();
+    let observer: BatchObserver = Box::new(move |b: &BatchStats| {
+        n.fetch_add(b.escalated as u64, Ordering::Relaxed);
+    });
+    (total, observer)
+}
 
 pub struct Engine {
     tx: Option<Sender<Job>>,

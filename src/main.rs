@@ -800,13 +800,7 @@ fn screen(g: &Global, a: ScreenArgs) -> Result<i32> {
         ),
     };
     // Counts the queries the second opinion re-scored, for the summary.
-    let escalated = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let observer: guardian::engine::BatchObserver = {
-        let n = escalated.clone();
-        Box::new(move |b| {
-            n.fetch_add(b.escalated as u64, std::sync::atomic::Ordering::Relaxed);
-        })
-    };
+    let (escalated, observer) = guardian::engine::escalation_counter();
     let screener = guardian::screen::Screener::new(&cfg, Some(observer))?;
     tracing::info!(model = %screener.model.id, policy = %screener.policy.version, device = %guardian::model::device::describe(&screener.model.device), "screening");
     let pb = progress_bar(total);
