@@ -44,20 +44,23 @@ pub struct ModelConfig {
 }
 
 /// `[model.second_opinion]`: a second model (EmbeddingGemma-300M heads) for the queries whose
-/// first unsafe probability is in the band; see `model::second`.
+/// first unsafe probability is in the band; see `model::second`. Keys left out take the
+/// measured settings; an empty or missing `heads` is refused by `validate`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct SecondOpinionConfig {
     /// Heads directory trained for embeddinggemma-300m (e.g. `models/second-opinion`).
     pub heads: String,
-    #[serde(default = "SecondOpinionConfig::default_band_low")]
     pub band_low: f32,
-    #[serde(default = "SecondOpinionConfig::default_band_high")]
     pub band_high: f32,
-    #[serde(default = "SecondOpinionConfig::default_weight")]
     pub weight: f32,
-    #[serde(default = "SecondOpinionConfig::default_offset")]
     pub offset: f32,
+}
+
+impl Default for SecondOpinionConfig {
+    fn default() -> Self {
+        Self::measured("")
+    }
 }
 
 impl SecondOpinionConfig {
@@ -71,18 +74,6 @@ impl SecondOpinionConfig {
             weight: m.weight,
             offset: m.offset,
         }
-    }
-    fn default_band_low() -> f32 {
-        Self::measured("").band_low
-    }
-    fn default_band_high() -> f32 {
-        Self::measured("").band_high
-    }
-    fn default_weight() -> f32 {
-        Self::measured("").weight
-    }
-    fn default_offset() -> f32 {
-        Self::measured("").offset
     }
 
     pub fn spec(&self) -> crate::model::second::SecondOpinionSpec {

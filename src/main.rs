@@ -660,8 +660,9 @@ fn run(cli: Cli) -> Result<i32> {
                 // The same examples, seed and split fractions give the same splits; the
                 // second model's heads read the frozen encoder and carry no lexical model
                 // (the first model's blend already has it).
+                let first_out = job.out.clone();
                 let second = guardian::train::TrainJob {
-                    out: job.out.join("second-opinion"),
+                    out: first_out.join("second-opinion"),
                     tune: TuneOptions {
                         layers: 0,
                         ..job.tune.clone()
@@ -686,7 +687,7 @@ fn run(cli: Cli) -> Result<i32> {
                      screen with --heads {} --second-opinion {}",
                     so.threshold,
                     second.out.display(),
-                    second.out.parent().map_or(".".into(), |p| p.display().to_string()),
+                    first_out.display(),
                     second.out.display()
                 );
             }
